@@ -93,16 +93,22 @@ class CaseSource:
             out.extend(sorted(self.label.paths))
         return out
 
-    def content_hash(self) -> str:
+    def file_hashes(self) -> dict[Path, str]:
+        """sha256 of every source file (see `files`)."""
+        return {path: file_sha256(path) for path in self.files()}
+
+    def content_hash(self, file_hashes: Mapping[Path, str] | None = None) -> str:
         """sha256 over the files' bytes and the options that change the result.
 
         Used to skip unchanged cases on re-runs: any change of bytes, of the label map
-        or of the chosen segments changes it.
+        or of the chosen segments changes it. Pass ``file_hashes`` (from `file_hashes`)
+        to avoid reading the files twice.
         """
+        hashes = self.file_hashes() if file_hashes is None else file_hashes
         h = hashlib.sha256()
         for path in self.files():
             h.update(path.name.encode())
-            h.update(file_sha256(path).encode())
+            h.update(hashes[path].encode())
         h.update(repr(sorted(self.label_map.items())).encode())
         if self.label is not None:
             h.update(repr(self.label.segments).encode())

@@ -1,0 +1,257 @@
+"""Ingest: find cases, read, standardize and commit each one to the store, in parallel.
+
+Each case is one unit of work done entirely by one worker: hash its source files, skip
+it when the hash equals the committed one, otherwise read, standardize, write its slot
+and commit. A case that cannot be used is quarantined with a reason naming the file and
+the value; the others go on. The parent only discovers cases and assigns slots.
+
+Exit codes of ``xrai ingest`` (see `IngestReport.exit_code`):
+
+====  ====================================================================
+0     every case ingested or unchanged
+1     failure: no case is usable (all quarantined, or nothing found)
+2     usage error (bad option or source folder; typer's code)
+3     partial success: some cases quarantined, the others committed
+====  ====================================================================
+"""
+
+from __future__ import annotations
+
+import logging
+import multiprocessing
+import os
+import time
+from collections.abc import Callable, Iterable, Mapping, Sequence
+from concurrent.futures import ProcessPoolExecutor, as_completed
+from dataclasses import dataclass, field
+from datetime import datetime, timezone
+from pathlib import Path
+from typing import Any, Literal
+
+from pipeline.errors import CaseRejected, VolumeError, XraiError
+from pipeline.sources.base import CHANNELS, CaseSource
+from pipeline.standardize import Loaded, standardize_case
+from pipeline.store import DatasetStore, Grid
+
+log = logging.getLogger(__name__)
+
+Status = Literal["ingested", "unchanged", "quarantined"]
+
+
+@dataclass(frozen=True)
+class CaseOutcome:
+    """What happened to one case."""
+
+    case_id: str
+    status: Status
+    reason: str = ""
+    path: str | None = None
+    seconds: float = 0.0
+
+
+@dataclass(frozen=True)
+class IngestReport:
+    """Summary of one ingest run."""
+
+    dataset: str
+    store: str
+    outcomes: tuple[CaseOutcome, ...] = field(default_factory=tuple)
+
+    def by_status(self, status: Status) -> list[CaseOutcome]:
+        return [o for o in self.outcomes if o.status == status]
+
+    @property
+    def exit_code(self) -> int:
+        bad = self.by_status("quarantined")
+        good = len(self.outcomes) - len(bad)
+        if good == 0:
+            return 1
+        return 3 if bad else 0
+
+
+def _version() -> str:
+    try:
+        from importlib.metadata import version
+
+        return version("xrai-pipeline")
+    except Exception:  # pragma: no cover - not installed as a distribution
+        return "unknown"
+
+
+def read_case(case: CaseSource) -> tuple[dict[str, Loaded], Loaded | None]:
+    """Read every channel and the label of a case (``VolumeError`` names the file)."""
+    from pipeline.io import read_image, read_label  # SimpleITK-heavy; imported in workers
+
+    images = {name: Loaded(read_image(ref), ref.path) for name, ref in case.images.items()}
+    label = None
+    if case.label is not None:
+        reference = images[CHANNELS[0]].image if CHANNELS[0] in images else None
+        label = Loaded(read_label(case.label, reference=reference), case.label.path)
+    return images, label
+
+
+def ingest_case(store_url: str, dataset: str, case: CaseSource, slot: int,
+                committed_hash: str | None, *, recompute: bool = False,
+                storage_options: Mapping[str, Any] | None = None) -> CaseOutcome:
+    """Do all the work for one case; never raises for bad data (quarantines instead)."""
+    t0 = time.perf_counter()
+    store = DatasetStore.open(store_url, dataset, writable=True, storage_options=storage_options)
+    cid = case.case_id
+
+    def reject(reason: str, path: Path | str | None, content_hash: str | None = None) -> CaseOutcome:
+        store.quarantine(cid, reason, None if path is None else str(path), content_hash)
+        log.warning("quarantined %s: %s", cid, reason)
+        return CaseOutcome(cid, "quarantined", reason, None if path is None else str(path),
+                           time.perf_counter() - t0)
+
+    if case.missing:
+        return reject("missing " + "; ".join(case.missing), case.missing[0].split(": ", 1)[-1])
+    try:
+        hashes = case.file_hashes()
+        content_hash = case.content_hash(hashes)
+    except OSError as err:
+        return reject(f"cannot read source file: {err}", getattr(err, "filename", None))
+    if committed_hash == content_hash and not recompute:
+        return CaseOutcome(cid, "unchanged", seconds=time.perf_counter() - t0)
+    try:
+        images, label = read_case(case)
+        std = standardize_case(cid, images, label, grid=store.grid, channels=store.channels,
+                               label_map=case.label_map, annotated_slices=case.annotated_slices)
+    except VolumeError as err:
+        return reject(str(err), err.path, content_hash)
+    except CaseRejected as err:
+        return reject(err.reason, err.path, content_hash)
+    except (RuntimeError, ValueError, OSError) as err:
+        # SimpleITK raises RuntimeError for files it cannot parse; keep the dataset going.
+        return reject(f"{type(err).__name__}: {err}", None, content_hash)
+
+    store.uncommit(cid)
+    store.write_case(slot, image=std.image, label=std.label, brain=std.brain,
+                     annotated=std.annotated)
+    record = {
+        "case_id": cid,
+        "sources": [{"file": str(p), "sha256": sha} for p, sha in hashes.items()],
+        "flags": list(case.flags) + list(std.info.pop("flags", [])),
+        **std.info,
+        "ingested_at": datetime.now(timezone.utc).isoformat(timespec="seconds"),
+        "code_version": _version(),
+    }
+    store.commit(cid, slot, content_hash, record)
+    return CaseOutcome(cid, "ingested", seconds=time.perf_counter() - t0)
+
+
+def _init_worker(threads: int) -> None:
+    import SimpleITK as sitk
+
+    sitk.ProcessObject.SetGlobalDefaultNumberOfThreads(threads)
+    os.environ.setdefault("OMP_NUM_THREADS", str(threads))
+
+
+def ingest_cases(
+    cases: Sequence[CaseSource],
+    store_url: str,
+    dataset: str,
+    *,
+    grid: Grid = Grid(),
+    workers: int = 1,
+    recompute: bool = False,
+    skull_stripped: bool = True,
+    collection: str = "",
+    storage_options: Mapping[str, Any] | None = None,
+    progress: Callable[[CaseOutcome], None] | None = None,
+) -> IngestReport:
+    """Ingest already discovered cases into ``store_url/dataset``.
+
+    Parameters
+    ----------
+    cases : sequence of CaseSource
+        From a source's ``discover``.
+    workers : int
+        Worker processes; 1 runs in this process.
+    recompute : bool
+        Re-ingest cases whose sources are unchanged.
+    progress : callable, optional
+        Called with each case's outcome as it finishes.
+
+    Raises
+    ------
+    StoreError
+        The store exists with another grid (nothing is written then).
+    """
+    ids = [c.case_id for c in cases]
+    dup = sorted({i for i in ids if ids.count(i) > 1})
+    if dup:
+        raise XraiError(f"case ids {dup} occur more than once in the source")
+    store = DatasetStore.create(store_url, dataset, grid=grid, skull_stripped=skull_stripped,
+                                collection=collection, storage_options=storage_options)
+    slots = store.allocate(ids)
+    committed = {cid: rec.content_hash for cid, rec in store.committed().items()}
+    outcomes: list[CaseOutcome] = []
+
+    def done(outcome: CaseOutcome) -> None:
+        outcomes.append(outcome)
+        if progress is not None:
+            progress(outcome)
+
+    jobs = [(store_url, dataset, c, slots[c.case_id], committed.get(c.case_id)) for c in cases]
+    if workers <= 1 or len(jobs) <= 1:
+        for job in jobs:
+            done(ingest_case(*job, recompute=recompute, storage_options=storage_options))
+    else:
+        threads = max(1, (os.cpu_count() or 1) // workers)
+        # spawn, not fork: zarr runs an asyncio thread and SimpleITK a thread pool,
+        # neither of which survives a fork safely.
+        ctx = multiprocessing.get_context("spawn")
+        with ProcessPoolExecutor(workers, mp_context=ctx, initializer=_init_worker,
+                                 initargs=(threads,)) as pool:
+            futures = {pool.submit(ingest_case, *job, recompute=recompute,
+                                   storage_options=storage_options): job[2].case_id
+                       for job in jobs}
+            for fut in as_completed(futures):
+                try:
+                    done(fut.result())
+                except Exception as err:  # a worker died (e.g. out of memory)
+                    cid = futures[fut]
+                    reason = f"worker failed: {type(err).__name__}: {err}"
+                    store.quarantine(cid, reason)
+                    done(CaseOutcome(cid, "quarantined", reason))
+    order = {cid: i for i, cid in enumerate(ids)}
+    outcomes.sort(key=lambda o: order[o.case_id])
+    return IngestReport(dataset=dataset, store=store_url, outcomes=tuple(outcomes))
+
+
+def ingest(
+    source_dir: Path,
+    store_url: str,
+    dataset: str,
+    *,
+    layout: str = "auto",
+    grid: Grid = Grid(),
+    workers: int = 1,
+    recompute: bool = False,
+    discover_options: Mapping[str, Any] | None = None,
+    storage_options: Mapping[str, Any] | None = None,
+    progress: Callable[[CaseOutcome], None] | None = None,
+    on_discovered: Callable[[int], None] | None = None,
+) -> IngestReport:
+    """Discover the cases of a local folder and ingest them (see `ingest_cases`)."""
+    from pipeline.sources.local import detect_layout, discover
+
+    source_dir = Path(source_dir)
+    if not source_dir.is_dir():
+        raise FileNotFoundError(f"source folder {str(source_dir)!r} does not exist")
+    chosen = detect_layout(source_dir) if layout == "auto" else layout
+    cases = discover(source_dir, layout=chosen, **dict(discover_options or {}))
+    if on_discovered is not None:
+        on_discovered(len(cases))
+    return ingest_cases(cases, store_url, dataset, grid=grid, workers=workers,
+                        recompute=recompute, collection=chosen,
+                        storage_options=storage_options, progress=progress)
+
+
+def summarize(outcomes: Iterable[CaseOutcome]) -> dict[str, int]:
+    """Counts per status."""
+    counts = {"ingested": 0, "unchanged": 0, "quarantined": 0}
+    for o in outcomes:
+        counts[o.status] += 1
+    return counts
