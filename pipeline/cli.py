@@ -60,7 +60,7 @@ def _progress() -> Progress:
 
 
 def run_ingest(source_dir: Path, store: str, dataset: str, *, layout: str, grid: Grid,
-               workers: int, recompute: bool, use_automated: bool = False):
+               workers: int, recompute: bool, discover_options: dict | None = None):
     """Ingest with a progress bar and print the summary; returns the report."""
     from pipeline.ingest import ingest
 
@@ -73,9 +73,9 @@ def run_ingest(source_dir: Path, store: str, dataset: str, *, layout: str, grid:
         def advance(outcome) -> None:
             bar.update(task, advance=1, last=f"{outcome.case_id}: {outcome.status}")
 
-        options = {"use_automated": True} if use_automated else {}
         report = ingest(source_dir, store, dataset, layout=layout, grid=grid, workers=workers,
-                        recompute=recompute, discover_options=options, progress=advance,
+                        recompute=recompute, discover_options=discover_options or {},
+                        progress=advance,
                         on_discovered=discovered)
     print_ingest_report(report)
     return report
@@ -110,6 +110,10 @@ def ingest(
     recompute: Annotated[bool, typer.Option(help="Re-ingest unchanged cases too.")] = False,
     use_automated: Annotated[bool, typer.Option(
         help="UPENN-GBM: use automated masks where no manual one exists (flagged).")] = False,
+    tumour_segment: Annotated[list[str] | None, typer.Option(
+        help="DICOM SEG / ReMIND: segment description(s) that mean tumour (repeatable).")] = None,
+    partial_annotation: Annotated[bool, typer.Option(
+        help="Only some slices are annotated (LGG-1p19qDeletion): record which.")] = False,
 ) -> None:
     """Standardize a collection into the Zarr store.
 
@@ -118,8 +122,11 @@ def ingest(
     """
     try:
         grid = Grid(spacing=spacing, shape=shape)
+        options: dict = {"use_automated": use_automated, "partial_annotation": partial_annotation}
+        if tumour_segment:
+            options["tumour_segments"] = tuple(tumour_segment)
         report = run_ingest(source_dir, store, dataset, layout=layout, grid=grid,
-                            workers=workers, recompute=recompute, use_automated=use_automated)
+                            workers=workers, recompute=recompute, discover_options=options)
     except (XraiError, FileNotFoundError, ValueError) as err:
         _fail(str(err))
     raise typer.Exit(report.exit_code)
@@ -172,6 +179,11 @@ def demo(
         _fail("no phantom case could be ingested")
     console.rule("[bold]3. dataset summary")
     print_dataset_summary(store, "phantom")
+
+
+from pipeline.download.cli import download as _download  # noqa: E402
+
+app.command("download")(_download)
 
 
 def main() -> None:  # pragma: no cover

@@ -1,0 +1,411 @@
+"""HTTP transport of the download stage: retries with backoff, Range resume, token redaction.
+
+One :class:`HttpClient` wraps a :class:`requests.Session`. Every request is retried on the
+conditions that may clear by themselves (timeouts, connection resets, bodies cut short,
+HTTP 408/429/5xx), with exponential backoff and full jitter up to a stated cap of
+attempts; ``Retry-After`` is honoured (capped). A bearer token, where one is given, is
+sent in the ``Authorization`` header only and is removed from every message this module
+builds, so it cannot reach a log, a file or an error.
+"""
+
+from __future__ import annotations
+
+import email.utils
+import logging
+import random
+import time
+from collections.abc import Callable, Iterable, Mapping
+from dataclasses import dataclass
+from datetime import datetime, timezone
+from pathlib import Path
+from typing import Any, TypeVar
+
+import requests
+
+from pipeline.download.errors import ChecksumError, DownloadError
+
+__all__ = [
+    "AccessRefusedError",
+    "HttpClient",
+    "RetryPolicy",
+    "TransientStatusError",
+    "parse_retry_after",
+    "redact",
+    "retry_call",
+]
+
+logger = logging.getLogger(__name__)
+
+T = TypeVar("T")
+
+#: Statuses that may clear by themselves: request timeout, rate limit, server errors.
+RETRY_STATUSES = frozenset({408, 429, 500, 502, 503, 504})
+
+#: Placeholder that replaces a secret in messages.
+REDACTED = "***"
+
+CHUNK = 1 << 16
+
+
+@dataclass(frozen=True)
+class RetryPolicy:
+    """How often and how long to wait before trying again.
+
+    Parameters
+    ----------
+    max_attempts : int, default 6
+        The cap: total attempts per request, the first included (>= 1).
+    base_delay : float, default 1.0
+        Seconds; the backoff ceiling of attempt ``k`` (1-based) is
+        ``min(max_delay, base_delay * 2**(k-1))``.
+    max_delay : float, default 60.0
+        Largest backoff ceiling, in seconds.
+    max_retry_after : float, default 300.0
+        Largest wait granted to a server's ``Retry-After``, in seconds.
+
+    Notes
+    -----
+    "Full jitter": the wait after failed attempt ``k`` is drawn uniformly from
+    ``[0, min(max_delay, base_delay * 2**(k-1))]``, which spreads clients that failed
+    together [1]_. A ``Retry-After`` from the server replaces the draw.
+
+    References
+    ----------
+    .. [1] Brooker, M. (2015). Exponential backoff and jitter. AWS Architecture Blog.
+       https://aws.amazon.com/blogs/architecture/exponential-backoff-and-jitter/
+    """
+
+    max_attempts: int = 6
+    base_delay: float = 1.0
+    max_delay: float = 60.0
+    max_retry_after: float = 300.0
+
+    def __post_init__(self) -> None:
+        if self.max_attempts < 1:
+            raise ValueError(f"max_attempts must be >= 1, got {self.max_attempts!r}")
+        for name in ("base_delay", "max_delay", "max_retry_after"):
+            value = getattr(self, name)
+            if value < 0:
+                raise ValueError(f"{name} must be >= 0 seconds, got {value!r}")
+
+    def delay(self, attempt: int, *, retry_after: float | None = None,
+              rng: random.Random | None = None) -> float:
+        """Seconds to wait after failed attempt number `attempt` (1-based)."""
+        if retry_after is not None:
+            return min(max(retry_after, 0.0), self.max_retry_after)
+        ceiling = min(self.max_delay, self.base_delay * 2.0 ** (attempt - 1))
+        return (rng or random).uniform(0.0, ceiling)
+
+
+class AccessRefusedError(DownloadError):
+    """HTTP 401 or 403: the server wants a (different) token, or the data is not public."""
+
+    def __init__(self, what: str, reason: str, *, status: int) -> None:
+        super().__init__(what, reason)
+        self.status = status
+
+
+class TransientStatusError(DownloadError):
+    """An HTTP status worth retrying (408, 429, 5xx), with the server's ``Retry-After``."""
+
+    def __init__(self, what: str, reason: str, *, retry_after: float | None = None) -> None:
+        super().__init__(what, reason, retryable=True)
+        self.retry_after = retry_after
+
+
+def parse_retry_after(value: str | None, *, now: datetime | None = None) -> float | None:
+    """Seconds to wait from a ``Retry-After`` header (delta-seconds or HTTP-date, RFC 9110 §10.2.3).
+
+    Returns None for a missing or unparseable value.
+
+    Examples
+    --------
+    >>> parse_retry_after("7")
+    7.0
+    >>> parse_retry_after("soon") is None
+    True
+    """
+    if value is None:
+        return None
+    value = value.strip()
+    if value.isdigit():
+        return float(value)
+    try:
+        when = email.utils.parsedate_to_datetime(value)
+    except (TypeError, ValueError):
+        return None
+    if when.tzinfo is None:
+        when = when.replace(tzinfo=timezone.utc)
+    now = now or datetime.now(timezone.utc)
+    return max(0.0, (when - now).total_seconds())
+
+
+def redact(text: str, secrets: Iterable[str | None]) -> str:
+    """`text` with every non-empty secret replaced by ``***``."""
+    for secret in secrets:
+        if secret:
+            text = text.replace(secret, REDACTED)
+    return text
+
+
+def retry_call(fn: Callable[[int], T], *, what: str, policy: RetryPolicy,
+               sleep: Callable[[float], None] = time.sleep,
+               rng: random.Random | None = None,
+               secrets: Iterable[str | None] = ()) -> T:
+    """Call ``fn(attempt)`` until it succeeds, retrying retryable :class:`DownloadError`.
+
+    Parameters
+    ----------
+    fn : callable
+        Takes the 1-based attempt number; raises :class:`DownloadError` on failure.
+    what : str
+        The series or file, for messages.
+    policy : RetryPolicy
+    sleep, rng :
+        Injected for tests (no real waiting).
+    secrets : iterable of str
+        Removed from logged messages.
+
+    Raises
+    ------
+    DownloadError
+        The first non-retryable error as it is, or, once the cap is reached, an error
+        naming `what`, the number of attempts and the last reason.
+    """
+    secrets = tuple(secrets)
+    for attempt in range(1, policy.max_attempts + 1):
+        try:
+            return fn(attempt)
+        except DownloadError as err:
+            if not err.retryable:
+                raise
+            if attempt == policy.max_attempts:
+                raise DownloadError(
+                    what,
+                    f"gave up after {attempt} attempts (retry cap {policy.max_attempts}); "
+                    f"last error: {redact(err.reason, secrets)}",
+                ) from err
+            wait = policy.delay(attempt, retry_after=getattr(err, "retry_after", None), rng=rng)
+            logger.warning("%s: attempt %d/%d failed (%s); retrying in %.2f s", what, attempt,
+                           policy.max_attempts, redact(err.reason, secrets), wait)
+            sleep(wait)
+    raise AssertionError("unreachable")  # pragma: no cover - the loop returns or raises
+
+
+class HttpClient:
+    """A retrying HTTP client for archive APIs and file servers.
+
+    Parameters
+    ----------
+    token : str, optional
+        Bearer token sent as ``Authorization: Bearer <token>`` (an institutional
+        mirror); never logged, never part of an error message.
+    timeout : float or (float, float), default (10, 120)
+        Connect and read timeouts in seconds (read: the longest silence between bytes).
+    policy : RetryPolicy, optional
+    sleep : callable, default time.sleep
+        Injected in tests so that backoff does not wait.
+    rng : random.Random, optional
+        Source of the jitter.
+    session : requests.Session, optional
+    """
+
+    def __init__(self, *, token: str | None = None,
+                 timeout: float | tuple[float, float] = (10.0, 120.0),
+                 policy: RetryPolicy | None = None,
+                 sleep: Callable[[float], None] = time.sleep,
+                 rng: random.Random | None = None,
+                 session: requests.Session | None = None) -> None:
+        self._token = token or None
+        self.timeout = timeout
+        self.policy = policy or RetryPolicy()
+        self.sleep = sleep
+        self.rng = rng or random.Random()
+        self.session = session or requests.Session()
+        self.session.headers["User-Agent"] = "xrai-pipeline-download"
+        if self._token:
+            self.session.headers["Authorization"] = f"Bearer {self._token}"
+
+    def __repr__(self) -> str:
+        return f"HttpClient(token={'set' if self._token else 'none'}, timeout={self.timeout!r})"
+
+    @property
+    def has_token(self) -> bool:
+        """Whether a bearer token is sent."""
+        return self._token is not None
+
+    def redact(self, text: str) -> str:
+        """`text` without the token."""
+        return redact(text, (self._token,))
+
+    def retry(self, fn: Callable[[int], T], *, what: str) -> T:
+        """:func:`retry_call` with this client's policy, sleep, jitter and secrets."""
+        return retry_call(fn, what=what, policy=self.policy, sleep=self.sleep, rng=self.rng,
+                          secrets=(self._token,))
+
+    # -- single attempts ---------------------------------------------------------------
+
+    def _open(self, url: str, *, what: str, params: Mapping[str, str] | None = None,
+              headers: Mapping[str, str] | None = None) -> requests.Response:
+        """Send one GET (streamed); map transport failures and statuses to our errors."""
+        try:
+            resp = self.session.get(url, params=params, headers=dict(headers or {}),
+                                    timeout=self.timeout, stream=True)
+        except requests.Timeout as err:
+            raise DownloadError(what, self.redact(f"timed out: {err}"), retryable=True) from err
+        except requests.RequestException as err:
+            raise DownloadError(what, self.redact(f"connection failed: {err}"),
+                                retryable=True) from err
+        if resp.status_code in (200, 206, 416):
+            return resp
+        try:
+            excerpt = resp.text[:300].strip() if not resp.status_code >= 500 else ""
+        except requests.RequestException:
+            excerpt = ""
+        finally:
+            resp.close()
+        where = self.redact(resp.url.split("?")[0])
+        if resp.status_code in RETRY_STATUSES or resp.status_code >= 500:
+            raise TransientStatusError(
+                what, f"HTTP {resp.status_code} from {where}",
+                retry_after=parse_retry_after(resp.headers.get("Retry-After")))
+        if resp.status_code in (401, 403):
+            hint = ("the token in XRAI_TCIA_TOKEN was refused" if self._token else
+                    "if this server needs a token, set XRAI_TCIA_TOKEN")
+            raise AccessRefusedError(what, f"HTTP {resp.status_code} (access refused) from {where}; "
+                                      f"{hint}", status=resp.status_code)
+        detail = f": {self.redact(excerpt)!r}" if excerpt else ""
+        raise DownloadError(what, f"HTTP {resp.status_code} from {where} with parameters "
+                                  f"{dict(params or {})!r}{detail}")
+
+    def get_json(self, url: str, params: Mapping[str, str] | None = None, *,
+                 what: str) -> Any:
+        """GET a JSON document, retried. An empty body reads as ``[]`` (NBIA's "no result")."""
+
+        def attempt(_: int) -> Any:
+            with self._open(url, what=what, params=params) as resp:
+                try:
+                    body = resp.content
+                except requests.RequestException as err:
+                    raise DownloadError(what, self.redact(f"body cut short: {err}"),
+                                        retryable=True) from err
+            if not body.strip():
+                return []
+            try:
+                return resp.json()
+            except ValueError as err:
+                raise DownloadError(what, f"answer from {self.redact(url)} is not JSON: "
+                                          f"{body[:120]!r}") from err
+
+        return self.retry(attempt, what=what)
+
+    def get_text(self, url: str, params: Mapping[str, str] | None = None, *, what: str) -> str:
+        """GET a text document (UTF-8), retried."""
+
+        def attempt(_: int) -> str:
+            with self._open(url, what=what, params=params) as resp:
+                try:
+                    return resp.content.decode("utf-8")
+                except requests.RequestException as err:
+                    raise DownloadError(what, self.redact(f"body cut short: {err}"),
+                                        retryable=True) from err
+
+        return self.retry(attempt, what=what)
+
+    def download(self, url: str, part: Path, *, what: str,
+                 params: Mapping[str, str] | None = None,
+                 expected_size: int | None = None, resume: bool = True,
+                 progress: Callable[[int], None] | None = None,
+                 validate: Callable[[Path], None] | None = None) -> int:
+        """Stream `url` into the file `part`, retried and resumed; return its size in bytes.
+
+        Parameters
+        ----------
+        url : str
+        part : Path
+            Temporary file; the caller renames it once it is verified.
+        what : str
+            The series or file, for messages.
+        params : mapping, optional
+            Query parameters.
+        expected_size : int, optional
+            Size the body must have; a shorter body is resumed, a longer one rejected.
+        resume : bool, default True
+            Continue a partial `part` with ``Range: bytes=<n>-``. A server that answers
+            200 instead of 206 sends the whole body again, which is then written from
+            the start. Off for bodies generated per request (NBIA's zip streams).
+        progress : callable, optional
+            Called with the number of bytes added (negative when a partial is dropped).
+        validate : callable, optional
+            Called with `part` once complete; a retryable :class:`DownloadError` it
+            raises (a truncated zip, a checksum mismatch) drops the partial and retries.
+
+        Raises
+        ------
+        DownloadError
+            Naming `what`, after the retry cap or on a non-retryable condition.
+        """
+        tick = progress or (lambda _n: None)
+        part.parent.mkdir(parents=True, exist_ok=True)
+
+        def drop() -> None:
+            if part.exists():
+                tick(-part.stat().st_size)
+                part.unlink()
+
+        def attempt(_: int) -> int:
+            offset = part.stat().st_size if part.exists() else 0
+            if offset and not resume:
+                drop()
+                offset = 0
+            if expected_size is not None and offset > expected_size:
+                drop()
+                offset = 0
+            if expected_size is None or offset < expected_size:
+                headers = {"Range": f"bytes={offset}-"} if offset else {}
+                with self._open(url, what=what, params=params, headers=headers) as resp:
+                    if resp.status_code == 416:
+                        drop()
+                        raise DownloadError(what, f"server refused the range {offset}- "
+                                                  "(starting again)", retryable=True)
+                    if resp.status_code == 206:
+                        content_range = resp.headers.get("Content-Range", "")
+                        if not content_range.startswith(f"bytes {offset}-"):
+                            drop()
+                            raise DownloadError(what, f"server answered range {offset}- with "
+                                                      f"{content_range!r} (starting again)",
+                                                retryable=True)
+                        mode = "ab"
+                    else:
+                        if offset:
+                            drop()
+                        mode = "wb"
+                    self._stream(resp, part, mode, what=what, tick=tick)
+            size = part.stat().st_size
+            if expected_size is not None and size < expected_size:
+                raise DownloadError(what, f"body ended after {size} of {expected_size} bytes",
+                                    retryable=True)
+            if expected_size is not None and size > expected_size:
+                drop()
+                raise ChecksumError(what, f"received {size} bytes, expected {expected_size}")
+            if validate is not None:
+                try:
+                    validate(part)
+                except DownloadError as err:
+                    if err.retryable:
+                        drop()
+                    raise
+            return size
+
+        return self.retry(attempt, what=what)
+
+    def _stream(self, resp: requests.Response, part: Path, mode: str, *, what: str,
+                tick: Callable[[int], None]) -> None:
+        with open(part, mode) as fh:
+            try:
+                for chunk in resp.iter_content(CHUNK):
+                    fh.write(chunk)
+                    tick(len(chunk))
+            except requests.RequestException as err:
+                raise DownloadError(what, self.redact(f"connection lost mid-body: {err}"),
+                                    retryable=True) from err
