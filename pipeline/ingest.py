@@ -85,7 +85,11 @@ def read_case(case: CaseSource) -> tuple[dict[str, Loaded], Loaded | None]:
     images = {name: Loaded(read_image(ref), ref.path) for name, ref in case.images.items()}
     label = None
     if case.label is not None:
-        reference = images[CHANNELS[0]].image if CHANNELS[0] in images else None
+        # A DICOM SEG is painted on the grid of the series it references; discovery
+        # records that series' channel as the flag "seg-reference:<channel>".
+        ref_channel = next((f.split(":", 1)[1] for f in case.flags
+                            if f.startswith("seg-reference:")), CHANNELS[0])
+        reference = images[ref_channel].image if ref_channel in images else None
         label = Loaded(read_label(case.label, reference=reference), case.label.path)
     return images, label
 

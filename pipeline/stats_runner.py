@@ -1,0 +1,228 @@
+"""Dataset statistics over the store: per-case partials as Dask tasks, persisted, merged.
+
+Each case is one Dask task that reads the case's chunks once (`DatasetStore.read_case`),
+computes its `stats.dataset.CasePartials`, and persists them in the store under
+``_xrai/stats/<case_id>`` (a small compressed array whose attributes hold the case's
+content hash and the engine fingerprint). A later run reuses every persisted partial
+whose content hash and engine fingerprint still match, so adding or changing a case
+reads that case only; ``recompute=True`` ignores what is stored.
+
+Schedulers: ``None`` starts a local Dask cluster (processes, one thread each: the
+kernel is single-threaded numpy and BLAS threads only contend); ``"synchronous"`` or
+``"threads"`` use Dask's local schedulers (tests, debugging); anything else is the
+address of an existing Dask scheduler (``tcp://host:8786``).
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import math
+import zlib
+from collections.abc import Callable, Mapping
+from datetime import datetime, timezone
+from typing import Any
+
+import numpy as np
+
+from pipeline.errors import StoreError
+from pipeline.store import DatasetStore
+from stats.dataset import (
+    DEFAULT_BINS,
+    CasePartials,
+    EngineConfig,
+    case_partials,
+    class_frequencies,
+    dataset_hash,
+    intensity_distributions,
+    label_distributions,
+    nice_upper,
+)
+from stats.summary import DatasetStats
+
+log = logging.getLogger(__name__)
+_STATS = "_xrai/stats"
+
+
+def _version() -> str:
+    try:
+        from importlib.metadata import version
+
+        return version("xrai-pipeline")
+    except Exception:  # pragma: no cover
+        return "unknown"
+
+
+def engine_config(store: DatasetStore, *, bins: int = DEFAULT_BINS) -> EngineConfig:
+    """The engine configuration for a store, from its attributes and case records only.
+
+    The histogram upper edge of each channel comes from the per-case intensity ranges
+    recorded at ingest, so no voxel is read to fix it.
+    """
+    records = store.committed()
+    upper = {}
+    for ch in store.channels:
+        highs = [float(r.attrs.get("intensity_range", {}).get(ch, [0.0, math.nan])[1])
+                 for r in records.values()]
+        finite = [h for h in highs if math.isfinite(h)]
+        upper[ch] = nice_upper(max(finite, default=1.0))
+    return EngineConfig(channels=store.channels, upper=upper, voxel_ml=store.grid.voxel_ml,
+                        bins=bins)
+
+
+def load_persisted(store: DatasetStore, case_id: str) -> CasePartials | None:
+    """The persisted partials of a case, or None."""
+    group = store.group.get(_STATS)
+    if group is None or case_id not in group:
+        return None
+    arr = group[case_id]
+    try:
+        return CasePartials.from_dict(json.loads(zlib.decompress(arr[:].tobytes())))
+    except (ValueError, KeyError, zlib.error) as err:
+        log.warning("ignoring unreadable persisted statistics of %s: %s", case_id, err)
+        return None
+
+
+def persist(store: DatasetStore, partials: CasePartials) -> None:
+    """Write a case's partials (one atomic array write, then its attributes)."""
+    blob = np.frombuffer(zlib.compress(json.dumps(partials.to_dict()).encode(), 6), dtype=np.uint8)
+    group = store.group.require_group(_STATS)
+    arr = group.create_array(partials.case_id, shape=blob.shape, dtype="uint8",
+                             chunks=(max(1, blob.size),), overwrite=True, compressors=None)
+    arr[:] = blob
+    arr.attrs.update({"content_hash": partials.content_hash, "config": partials.config})
+
+
+def compute_case(store_url: str, dataset: str, case_id: str, content_hash: str,
+                 config: EngineConfig, storage_options: Mapping[str, Any] | None = None,
+                 persist_result: bool = True) -> CasePartials:
+    """One Dask task: read the case once, compute and persist its partials."""
+    store = DatasetStore.open(store_url, dataset, writable=persist_result,
+                              storage_options=storage_options)
+    partials = case_partials(case_id, content_hash, store.read_case(case_id), config)
+    if persist_result:
+        persist(store, partials)
+    return partials
+
+
+def _run_tasks(jobs: list[tuple], scheduler: str | None,
+               on_done: Callable[[str], None] | None) -> list[CasePartials]:
+    if not jobs:
+        return []
+    if scheduler in ("synchronous", "threads", "sync", "single-threaded"):
+        out = []
+        for job in jobs:  # one case at a time: the kernel is memory-bound per volume
+            out.append(compute_case(*job))
+            if on_done:
+                on_done(job[2])
+        return out
+    from distributed import Client, LocalCluster, as_completed
+
+    cluster = None
+    if scheduler is None:
+        import os
+
+        cluster = LocalCluster(n_workers=min(2, os.cpu_count() or 1), threads_per_worker=1,
+                               processes=True, dashboard_address=None,
+                               silence_logs=logging.ERROR)
+        client = Client(cluster)
+    else:
+        client = Client(scheduler)
+    try:
+        futures = [client.submit(compute_case, *job, key=f"case-stats-{job[2]}-{job[3][:12]}",
+                                 pure=False) for job in jobs]
+        results = []
+        for fut in as_completed(futures):
+            part = fut.result()
+            results.append(part)
+            if on_done:
+                on_done(part.case_id)
+        return results
+    finally:
+        client.close()
+        if cluster is not None:
+            cluster.close()
+
+
+def run_stats(store_url: str, dataset: str, *, scheduler: str | None = None,
+              recompute: bool = False, bins: int = DEFAULT_BINS,
+              storage_options: Mapping[str, Any] | None = None,
+              on_start: Callable[[int, int], None] | None = None,
+              on_done: Callable[[str], None] | None = None) -> DatasetStats:
+    """Statistics of one dataset of the store (see module notes).
+
+    Parameters
+    ----------
+    on_start : callable, optional
+        Called with (cases to compute, cases reused) before computing.
+    on_done : callable, optional
+        Called with each case id as its partials finish.
+
+    Raises
+    ------
+    StoreError
+        No committed case in the dataset.
+    """
+    store = DatasetStore.open(store_url, dataset, storage_options=storage_options)
+    records = store.committed()
+    if not records:
+        raise StoreError(f"dataset {dataset!r} in {store_url!r} has no committed case")
+    config = engine_config(store, bins=bins)
+    fingerprint = config.fingerprint()
+    reused: list[CasePartials] = []
+    jobs = []
+    for cid, rec in records.items():
+        cached = None if recompute else load_persisted(store, cid)
+        if cached is not None and cached.content_hash == rec.content_hash \
+                and cached.config == fingerprint:
+            reused.append(cached)
+        else:
+            jobs.append((store_url, dataset, cid, rec.content_hash, config,
+                         dict(storage_options or {}) or None))
+    if on_start:
+        on_start(len(jobs), len(reused))
+    computed = _run_tasks(jobs, scheduler, on_done)
+    by_id = {p.case_id: p for p in [*reused, *computed]}
+    cases = [by_id[cid] for cid in records]  # store order, whatever order tasks finished
+    grid = store.grid
+    return DatasetStats(
+        dataset=dataset,
+        store=store_url,
+        content_hash=dataset_hash((cid, r.content_hash) for cid, r in records.items()),
+        n_cases=len(cases),
+        cases=list(records),
+        channels=list(store.channels),
+        spacing_mm=[float(s) for s in grid.spacing],
+        voxel_ml=grid.voxel_ml,
+        label_scheme=dict(store.group.attrs["label_scheme"]),
+        intensity=intensity_distributions(cases, config),
+        labels=label_distributions(cases, grid.voxel_ml),
+        class_frequencies=class_frequencies(cases),
+        per_case={c.case_id: c.labels for c in cases},
+        created_at=datetime.now(timezone.utc).isoformat(timespec="seconds"),
+        code_version=_version(),
+        histogram_bins=bins,
+    )
+
+
+def write_stats(stats: DatasetStats, path: str) -> None:
+    """Write the statistics JSON atomically (NaN written as null)."""
+    import os
+    import tempfile
+    from pathlib import Path
+
+    target = Path(path)
+    target.parent.mkdir(parents=True, exist_ok=True)
+    text = stats.model_dump_json(indent=2)  # NaN is written as null
+    fd, tmp = tempfile.mkstemp(dir=target.parent, prefix=f".{target.name}.", suffix=".tmp")
+    with os.fdopen(fd, "w") as fh:
+        fh.write(text)
+    os.replace(tmp, target)
+
+
+def read_stats(path: str) -> DatasetStats:
+    """Read a statistics JSON written by `write_stats`."""
+    from pathlib import Path
+
+    return DatasetStats.model_validate_json(Path(path).read_text())
+
