@@ -40,7 +40,7 @@ def _channels(image, **geometry):
 
 def _flip_to_ras(arr: np.ndarray, spacing=(1.0, 1.0, 1.0), origin=(0.0, 0.0, 0.0)):
     """The same physical content stored with x and y axes reversed (an RAS-ordered array)."""
-    nz, ny, nx = arr.shape
+    _nz, ny, nx = arr.shape
     flipped = arr[:, ::-1, ::-1].copy()
     # index 0 of the flipped x axis sits where index nx-1 was, and steps towards -x (right)
     new_origin = (origin[0] + (nx - 1) * spacing[0], origin[1] + (ny - 1) * spacing[1], origin[2])
@@ -94,7 +94,7 @@ class TestRejections:
             standardize_case("c1", chans, Loaded(make_image(label), Path("s")), grid=GRID)
 
     def test_inf_voxels(self):
-        image, label = _head_and_tumour()
+        image, _label = _head_and_tumour()
         chans = _channels(image)
         bad = image.copy()
         bad[0, 0, 0] = np.inf

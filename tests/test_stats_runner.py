@@ -115,7 +115,8 @@ class TestAgainstScipy:
             brain = int(a["brain"].sum())
             tumour = int((a["brain"] & (a["label"] > 0)).sum())
             per = stats.per_case[cid]
-            assert per.brain_voxels == brain and per.tumour_voxels == tumour
+            assert per.brain_voxels == brain
+            assert per.tumour_voxels == tumour
             assert per.tumour_volume_ml == pytest.approx(tumour * 2.0 / 1000.0, rel=1e-12)
             assert per.components == 1
             assert per.class_voxels["NCR"] == int((a["brain"] & (a["label"] == 1)).sum())
@@ -138,7 +139,8 @@ class TestIncremental:
         starts = []
         again = run_stats(url, "ds", scheduler="synchronous", on_done=seen.append,
                           on_start=lambda todo, reused: starts.append((todo, reused)))
-        assert seen == [] and starts == [(0, 3)]
+        assert seen == []
+        assert starts == [(0, 3)]
         assert _json(again.intensity) == _json(first.intensity)
         rng = np.random.default_rng(99)
         new = _make_case(rng, 2.5)

@@ -20,7 +20,7 @@ value, which the ingest records as the case's quarantine reason.
 from __future__ import annotations
 
 import numpy as np
-import SimpleITK as sitk  # noqa: N813  (the library's own convention)
+import SimpleITK as sitk
 
 from pipeline.errors import VolumeError
 from pipeline.io.dicom import read_dicom_label_series, read_dicom_series

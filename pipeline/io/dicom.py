@@ -15,7 +15,7 @@ from pathlib import Path
 
 import numpy as np
 import pydicom
-import SimpleITK as sitk  # noqa: N813  (the library's own convention)
+import SimpleITK as sitk
 from pydicom.errors import InvalidDicomError
 
 from pipeline.errors import VolumeError

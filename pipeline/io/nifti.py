@@ -12,7 +12,7 @@ from pathlib import Path
 
 import nibabel as nib
 import numpy as np
-import SimpleITK as sitk  # noqa: N813  (the library's own convention)
+import SimpleITK as sitk
 from nibabel.filebasedimages import ImageFileError
 from numpy.typing import NDArray
 

@@ -26,7 +26,7 @@ from pathlib import Path
 
 import numpy as np
 import pydicom
-import SimpleITK as sitk  # noqa: N813  (the library's own convention)
+import SimpleITK as sitk
 
 from pipeline.errors import VolumeError
 from pipeline.io.dicom import looks_like_dicom, read_dicom_series, read_header

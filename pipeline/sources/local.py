@@ -39,7 +39,7 @@ from typing import Literal
 
 import numpy as np
 import pydicom
-import SimpleITK as sitk  # noqa: N813  (the library's own convention)
+import SimpleITK as sitk
 from numpy.typing import NDArray
 from pydicom.errors import InvalidDicomError
 

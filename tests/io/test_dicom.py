@@ -7,7 +7,7 @@ from pathlib import Path
 import numpy as np
 import pydicom
 import pytest
-import SimpleITK as sitk  # noqa: N813  (the library's own convention)
+import SimpleITK as sitk
 from pydicom.uid import JPEG2000Lossless
 
 from pipeline.errors import VolumeError

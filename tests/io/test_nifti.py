@@ -8,7 +8,7 @@ from pathlib import Path
 import nibabel as nib
 import numpy as np
 import pytest
-import SimpleITK as sitk  # noqa: N813  (the library's own convention)
+import SimpleITK as sitk
 
 from pipeline.errors import VolumeError
 from pipeline.io import label_values, read_image, read_label

@@ -7,7 +7,7 @@ from pathlib import Path
 import nibabel as nib
 import numpy as np
 import pytest
-import SimpleITK as sitk  # noqa: N813  (the library's own convention)
+import SimpleITK as sitk
 
 from pipeline.io import read_image, read_label
 from pipeline.sources.base import CHANNELS
