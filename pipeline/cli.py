@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import logging
 import os
+import sys
 from pathlib import Path
 from typing import Annotated
 
@@ -22,7 +23,8 @@ app = typer.Typer(
     add_completion=False,
     pretty_exceptions_enable=False,
 )
-console = Console(stderr=False)
+# Wide enough for the tables when the output is a file or a CI log (rich assumes 80).
+console = Console(width=None if sys.stdout.isatty() else 120)
 err_console = Console(stderr=True, soft_wrap=True)
 
 
@@ -156,14 +158,149 @@ def print_dataset_summary(store: str, dataset: str) -> None:
     console.print(table)
 
 
+def _fmt(v: float) -> str:
+    import math
+
+    if v is None or (isinstance(v, float) and math.isnan(v)):
+        return "–"
+    a = abs(v)
+    return f"{v:.3g}" if (a >= 1e4 or (0 < a < 1e-2)) else f"{v:.3f}".rstrip("0").rstrip(".")
+
+
+def print_stats_summary(stats) -> None:
+    """The statistics as two tables: intensities per channel and region, label distributions."""
+    table = Table(title=f"{stats.dataset}: intensity over {stats.n_cases} cases "
+                        "(skewness g1, excess kurtosis g2)")
+    for col in ("channel", "region", "voxels", "mean", "std", "skew", "kurt", "p0.5", "p50",
+                "p99.5"):
+        table.add_column(col, justify="right" if col not in ("channel", "region") else "left")
+    for ch, regions in stats.intensity.items():
+        for region in ("brain", "tumour", "background"):
+            d = regions[region]
+            m = d.moments
+            table.add_row(ch, region, str(m.n), _fmt(m.mean), _fmt(m.std), _fmt(m.skewness),
+                          _fmt(m.kurtosis), _fmt(d.percentiles["0.5"]), _fmt(d.percentiles["50"]),
+                          _fmt(d.percentiles["99.5"]))
+    console.print(table)
+    table = Table(title=f"{stats.dataset}: label statistics across cases / slices")
+    for col in ("statistic", "n", "mean", "std", "skew", "kurt", "p5", "median", "p95"):
+        table.add_column(col, justify="left" if col == "statistic" else "right")
+    for name, d in stats.labels.items():
+        m = d.moments
+        table.add_row(f"{name} ({d.unit})", str(m.n), _fmt(m.mean), _fmt(m.std), _fmt(m.skewness),
+                      _fmt(m.kurtosis), _fmt(d.percentiles["5"]), _fmt(d.percentiles["50"]),
+                      _fmt(d.percentiles["95"]))
+    console.print(table)
+    freq = ", ".join(f"{k} {v:.2%}" for k, v in stats.class_frequencies.items())
+    console.print(f"class frequencies over annotated brain voxels: {freq}", highlight=False)
+
+
+def run_stats_cli(store: str, dataset: str, *, out: Path | None, scheduler: str | None,
+                  recompute: bool):
+    """Compute statistics with a progress bar, write them, print the summary."""
+    from pipeline.stats_runner import run_stats, write_stats
+
+    with _progress() as bar:
+        task = bar.add_task("stats", total=None, last="")
+
+        def start(todo: int, reused: int) -> None:
+            bar.update(task, total=todo, last=f"{reused} cases reused from the store")
+
+        def done(case_id: str) -> None:
+            bar.update(task, advance=1, last=case_id)
+
+        stats = run_stats(store, dataset, scheduler=scheduler, recompute=recompute,
+                          on_start=start, on_done=done)
+    if out is not None:
+        write_stats(stats, str(out))
+        console.print(f"statistics written to {out}")
+    print_stats_summary(stats)
+    return stats
+
+
+@app.command("stats")
+def stats_command(
+    store: Annotated[str, typer.Option(help="Zarr store path or fsspec URL.")],
+    dataset: Annotated[str, typer.Option(help="Dataset (group) name in the store.")],
+    out: Annotated[Path, typer.Option(help="Where to write the statistics JSON.")] = Path("stats.json"),
+    scheduler: Annotated[str | None, typer.Option(
+        help="Dask scheduler address (tcp://…); default starts a local cluster; "
+             "'synchronous' runs in this process.")] = None,
+    recompute: Annotated[bool, typer.Option(help="Ignore persisted per-case statistics.")] = False,
+) -> None:
+    """Single-pass intensity and label statistics of a dataset (Dask)."""
+    try:
+        run_stats_cli(store, dataset, out=out, scheduler=scheduler, recompute=recompute)
+    except XraiError as err:
+        _fail(str(err))
+
+
+manifest_app = typer.Typer(help="Write or check a loss-configuration manifest.",
+                           invoke_without_command=True, no_args_is_help=False)
+app.add_typer(manifest_app, name="manifest")
+
+
+def print_decisions(manifest) -> None:
+    """The manifest's decisions: each rule, the measured value, what it decided."""
+    from stats.manifest import decisions_table
+
+    table = Table(title=f"{manifest.dataset.name}: decisions of the manifest")
+    table.add_column("rule")
+    table.add_column("measured")
+    table.add_column("decision", overflow="fold")
+    for row in decisions_table(manifest):
+        table.add_row(*row)
+    console.print(table)
+    spec = manifest.loss_spec()
+    terms = " + ".join(f"{t['weight']:g}·{t['name']}" for t in spec["terms"])
+    console.print(f"loss: {terms}, weighting {spec['weighting']['method']}", highlight=False)
+
+
+@manifest_app.callback()
+def manifest_command(
+    ctx: typer.Context,
+    stats: Annotated[Path | None, typer.Option(help="Statistics JSON from `xrai stats`.")] = None,
+    out: Annotated[Path, typer.Option(help="Where to write the manifest.")] = Path("manifest.json"),
+    seed: Annotated[int, typer.Option(help="Seed recorded for the trainer.")] = 0,
+) -> None:
+    """Build the manifest from statistics: `xrai manifest --stats stats.json --out manifest.json`."""
+    if ctx.invoked_subcommand is not None:
+        return
+    if stats is None:
+        _fail("give --stats STATS.json (or the subcommand `validate FILE`)", code=2)
+    from stats.manifest import manifest_command as build
+
+    try:
+        manifest = build(stats, out, seed)
+    except (XraiError, FileNotFoundError, ValueError) as err:
+        _fail(str(err))
+    console.print(f"manifest written to {out}")
+    print_decisions(manifest)
+
+
+@manifest_app.command("validate")
+def manifest_validate(file: Annotated[Path, typer.Argument(help="Manifest JSON to check.")]) -> None:
+    """Check a manifest; on failure name the field and the offending value."""
+    from stats.manifest import validate_command
+
+    try:
+        manifest = validate_command(file)
+    except (XraiError, FileNotFoundError, ValueError) as err:
+        _fail(str(err))
+    console.print(f"{file}: valid manifest (schema {manifest.schema_version}) for dataset "
+                  f"{manifest.dataset.name!r}", highlight=False)
+
+
 @app.command()
 def demo(
     out: Annotated[Path, typer.Option(help="Working folder for the demo.")] = Path("runs/demo"),
     cases: Annotated[int, typer.Option(min=2, help="Phantom cases.")] = 8,
     seed: Annotated[int, typer.Option(help="Phantom seed.")] = 0,
     workers: Annotated[int, typer.Option(min=1)] = 2,
+    scheduler: Annotated[str | None, typer.Option(
+        help="Dask scheduler for the statistics (default: a local cluster).")] = None,
 ) -> None:
-    """The main job on the embedded phantom: write it, ingest it, summarise it."""
+    """The main job on the embedded phantom: write, ingest, measure, decide, train."""
     from pipeline.sources.phantom import write_phantom
 
     source = out / "phantom"
@@ -172,13 +309,21 @@ def demo(
     write_phantom(source, cases=cases, seed=seed)
     console.print(f"{cases} cases in BraTS 2023 layout under {source}")
     console.rule("[bold]2. ingest into the Zarr store")
-    grid = Grid(spacing=(1.0, 1.0, 1.0), shape=(128, 128, 96))
+    grid = Grid(spacing=(1.0, 1.0, 1.0), shape=(96, 96, 64))
     report = run_ingest(source, store, "phantom", layout="brats", grid=grid, workers=workers,
                         recompute=False)
     if report.exit_code == 1:
         _fail("no phantom case could be ingested")
     console.rule("[bold]3. dataset summary")
     print_dataset_summary(store, "phantom")
+    console.rule("[bold]4. statistics (Dask)")
+    run_stats_cli(store, "phantom", out=out / "stats.json", scheduler=scheduler, recompute=False)
+    console.rule("[bold]5. manifest: transforms and the loss, decided from the data")
+    from stats.manifest import manifest_command as build
+
+    manifest = build(out / "stats.json", out / "manifest.json", seed)
+    console.print(f"manifest written to {out / 'manifest.json'}")
+    print_decisions(manifest)
 
 
 from pipeline.download.cli import download as _download  # noqa: E402

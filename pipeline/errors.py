@@ -8,6 +8,11 @@ from __future__ import annotations
 
 from pathlib import Path
 
+# The manifest schema lives in stats/ (no pipeline imports there); its error is ours too.
+from stats.manifest import ManifestError
+
+__all__ = ["CaseRejected", "ManifestError", "StoreError", "VolumeError", "XraiError"]
+
 
 class XraiError(Exception):
     """Root of the pipeline's own error conditions."""
@@ -52,10 +57,6 @@ class CaseRejected(XraiError):
     @classmethod
     def from_volume_error(cls, case_id: str, err: VolumeError) -> CaseRejected:
         return cls(case_id, str(err), err.path)
-
-
-class ManifestError(XraiError):
-    """A loss-configuration manifest does not validate; the message names the field."""
 
 
 class StoreError(XraiError):

@@ -118,17 +118,18 @@ def _run_tasks(jobs: list[tuple], scheduler: str | None,
         return out
     from distributed import Client, LocalCluster, as_completed
 
-    cluster = None
-    if scheduler is None:
-        import os
+    import contextlib
+    import os
 
-        cluster = LocalCluster(n_workers=min(2, os.cpu_count() or 1), threads_per_worker=1,
-                               processes=True, dashboard_address=None,
-                               silence_logs=logging.ERROR)
-        client = Client(cluster)
-    else:
-        client = Client(scheduler)
-    try:
+    logging.getLogger("distributed").setLevel(logging.ERROR)
+    with contextlib.ExitStack() as stack:
+        if scheduler is None:
+            cluster = stack.enter_context(LocalCluster(
+                n_workers=min(2, os.cpu_count() or 1), threads_per_worker=1, processes=True,
+                dashboard_address=None, silence_logs=logging.ERROR))
+            client = stack.enter_context(Client(cluster))
+        else:
+            client = stack.enter_context(Client(scheduler))
         futures = [client.submit(compute_case, *job, key=f"case-stats-{job[2]}-{job[3][:12]}",
                                  pure=False) for job in jobs]
         results = []
@@ -138,10 +139,6 @@ def _run_tasks(jobs: list[tuple], scheduler: str | None,
             if on_done:
                 on_done(part.case_id)
         return results
-    finally:
-        client.close()
-        if cluster is not None:
-            cluster.close()
 
 
 def run_stats(store_url: str, dataset: str, *, scheduler: str | None = None,
