@@ -116,10 +116,10 @@ def _run_tasks(jobs: list[tuple], scheduler: str | None,
             if on_done:
                 on_done(job[2])
         return out
-    from distributed import Client, LocalCluster, as_completed
-
     import contextlib
     import os
+
+    from distributed import Client, LocalCluster, as_completed
 
     logging.getLogger("distributed").setLevel(logging.ERROR)
     with contextlib.ExitStack() as stack:
