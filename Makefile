@@ -10,7 +10,7 @@ DEMO_DIR ?= runs/demo
 export DO_NOT_TRACK := 1
 export PREFECT_SERVER_ANALYTICS_ENABLED := false
 
-.PHONY: setup demo test lint
+.PHONY: setup demo test lint bench bench-ingest bench-stats bench-train
 
 setup: $(STAMP)
 
@@ -30,3 +30,14 @@ test: setup
 
 lint: setup
 	$(VENV)/bin/ruff check .
+
+bench-ingest: setup
+	$(PY) -m benchmarks.bench_ingest
+
+bench-stats: setup
+	$(PY) -m benchmarks.bench_stats
+
+bench-train: setup
+	$(PY) -m benchmarks.bench_train
+
+bench: bench-ingest bench-stats bench-train
