@@ -165,22 +165,26 @@ def region_codes(label: np.ndarray, brain: np.ndarray, annotated: np.ndarray) ->
     return codes
 
 
-def label_stats(label: np.ndarray, codes: np.ndarray, voxel_ml: float) -> CaseLabelStats:
+def label_stats(label: np.ndarray, codes: np.ndarray, voxel_ml: float,
+                counts: np.ndarray | None = None) -> CaseLabelStats:
     """Tumour fraction, volume, connected components, class counts and slice fractions.
 
     Only annotated brain voxels count (code > 0). Components are 26-connected (full 3D
     neighbourhood), over all tumour labels together.
     """
-    counts = np.bincount(codes.ravel(), minlength=N_CODES)[:N_CODES]
+    if counts is None:  # voxels per code; the kernel already has them
+        counts = np.bincount(codes.ravel(), minlength=N_CODES)[:N_CODES]
     brain_vox = int(counts[1:].sum())
     tumour_vox = int(counts[2:].sum())
     tumour = codes >= 2
+    nz = codes.shape[0]
+    per_slice_brain = np.count_nonzero(codes.reshape(nz, -1), axis=1)
+    per_slice_tumour = np.count_nonzero(tumour.reshape(nz, -1), axis=1)
+    n_comp = 0
     if tumour_vox:
-        _, n_comp = ndimage.label(tumour, structure=np.ones((3, 3, 3), dtype=bool))
-    else:
-        n_comp = 0
-    per_slice_brain = (codes > 0).sum(axis=(1, 2))
-    per_slice_tumour = tumour.sum(axis=(1, 2))
+        # label only the tumour's bounding box: same components, a fraction of the work
+        box = _bounding_box(tumour, per_slice_tumour)
+        _, n_comp = ndimage.label(tumour[box], structure=np.ones((3, 3, 3), dtype=bool))
     has = per_slice_brain > 0
     fractions = (per_slice_tumour[has] / per_slice_brain[has]).astype(float).tolist()
     return CaseLabelStats(
@@ -192,6 +196,16 @@ def label_stats(label: np.ndarray, codes: np.ndarray, voxel_ml: float) -> CaseLa
         class_voxels={name: int(counts[code]) for name, code in CLASS_CODES.items()},
         slice_fractions=fractions,
     )
+
+
+def _bounding_box(mask: np.ndarray, per_z: np.ndarray) -> tuple[slice, slice, slice]:
+    """Smallest (z, y, x) box holding every True voxel (``per_z``: counts per z slice)."""
+    z = np.flatnonzero(per_z)
+    slab = mask[z[0] : z[-1] + 1]
+    y = np.flatnonzero(np.count_nonzero(slab, axis=(0, 2)))
+    x = np.flatnonzero(np.count_nonzero(slab, axis=(0, 1)))
+    return (slice(int(z[0]), int(z[-1]) + 1), slice(int(y[0]), int(y[-1]) + 1),
+            slice(int(x[0]), int(x[-1]) + 1))
 
 
 def case_partials(case_id: str, content_hash: str, arrays: Mapping[str, np.ndarray],
@@ -223,8 +237,10 @@ def case_partials(case_id: str, content_hash: str, arrays: Mapping[str, np.ndarr
             moments=per_code,
             histograms={code: res.histograms[IDENTITY][code] for code in range(1, N_CODES)},
         )
+    first = channels[config.channels[0]].moments
+    counts = np.array([0] + [first[code][IDENTITY].n for code in range(1, N_CODES)])
     return CasePartials(case_id, content_hash, config.fingerprint(), channels,
-                        label_stats(arrays["label"], codes, config.voxel_ml))
+                        label_stats(arrays["label"], codes, config.voxel_ml, counts))
 
 
 # ----------------------------------------------------------------------- dataset merge
