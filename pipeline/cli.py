@@ -299,6 +299,8 @@ def demo(
     workers: Annotated[int, typer.Option(min=1)] = 2,
     scheduler: Annotated[str | None, typer.Option(
         help="Dask scheduler for the statistics (default: a local cluster).")] = None,
+    epochs: Annotated[int, typer.Option(min=0, help="Training epochs per fold; 0 skips training.")] = 4,
+    device: Annotated[str, typer.Option(help="auto, cpu, cuda or cuda:N.")] = "auto",
 ) -> None:
     """The main job on the embedded phantom: write, ingest, measure, decide, train."""
     from pipeline.sources.phantom import write_phantom
@@ -324,11 +326,19 @@ def demo(
     manifest = build(out / "stats.json", out / "manifest.json", seed)
     console.print(f"manifest written to {out / 'manifest.json'}")
     print_decisions(manifest)
+    if epochs == 0:
+        return
+    console.rule("[bold]6. train: the manifest's loss against three baselines (k-fold, CPU)")
+    _train(manifest=out / "manifest.json", store=store, dataset="phantom", out=out / "train",
+           losses="manifest,bce,dice,focal", folds=2, epochs=epochs, batches_per_epoch=10,
+           val_every=epochs, workers=1, device=device, seed=seed)
 
 
 from pipeline.download.cli import download as _download  # noqa: E402
+from pipeline.train.cli import train as _train  # noqa: E402
 
 app.command("download")(_download)
+app.command("train")(_train)
 
 
 def main() -> None:  # pragma: no cover

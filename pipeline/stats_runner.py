@@ -61,11 +61,15 @@ def engine_config(store: DatasetStore, *, bins: int = DEFAULT_BINS) -> EngineCon
     """
     records = store.committed()
     upper = {}
-    for ch in store.channels:
-        highs = [float(r.attrs.get("intensity_range", {}).get(ch, [0.0, math.nan])[1])
-                 for r in records.values()]
-        finite = [h for h in highs if math.isfinite(h)]
-        upper[ch] = nice_upper(max(finite, default=1.0))
+    for ci, ch in enumerate(store.channels):
+        highs = []
+        for rec in records.values():
+            high = rec.attrs.get("intensity_range", {}).get(ch, [math.nan, math.nan])[1]
+            if high is None or not math.isfinite(float(high)):
+                # a case committed without its range (written by other tools): one read
+                high = float(np.nanmax(store.group["image"][rec.slot, ci]))
+            highs.append(float(high))
+        upper[ch] = nice_upper(max(highs, default=1.0))
     return EngineConfig(channels=store.channels, upper=upper, voxel_ml=store.grid.voxel_ml,
                         bins=bins)
 

@@ -1,0 +1,412 @@
+"""Every named loss under one protocol: k-fold training, metrics, tables and plots.
+
+``run_benchmark`` trains each loss on the same folds (same split, same seeds, same
+sampling and schedule) and writes the run directory::
+
+    RUN_DIR/config.json             resolved configuration (losses, folds, training, plan,
+                                    device, package versions, manifest path and hash)
+    RUN_DIR/metrics_per_case.csv    one row per (loss, fold, validation case)   (+ .json)
+    RUN_DIR/metrics_per_fold.csv    one row per (loss, fold): means over its cases (+ .json)
+    RUN_DIR/summary.md              mean ± std over folds per loss (also summary.json)
+    RUN_DIR/curves.png              training loss and validation Dice per epoch
+    RUN_DIR/adaptive.png            manifest term weights and adaptive-Tversky alpha/beta
+    RUN_DIR/overlays.png            prediction overlays of a few validation cases
+    RUN_DIR/<loss>/fold<k>/         checkpoint (last.pt), result.json, overlays.npz
+
+Aggregation (the thesis's tables, Hun 2021, section 8.4): per fold, each metric is
+averaged over the fold's validation cases (``hd``/``hd95`` over the cases where they are
+defined, the others counted in ``hd_undefined``); the summary gives the mean and the
+sample standard deviation (ddof = 1) of those fold means. Ratios are shown in percent,
+distances in mm.
+"""
+
+from __future__ import annotations
+
+import csv
+import hashlib
+import json
+import math
+import warnings
+from collections.abc import Mapping, Sequence
+from dataclasses import dataclass
+from datetime import datetime, timezone
+from importlib import metadata
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+
+from pipeline.errors import ManifestError
+from pipeline.store import DatasetStore
+from pipeline.train.loop import (
+    FoldResult,
+    Progress,
+    TrainConfig,
+    TrainingDiverged,
+    amp_mode,
+    kfold_split,
+    select_device,
+    train_fold,
+)
+from pipeline.train.losses import LOSSES, build_loss
+from pipeline.train.metrics import DISTANCE_METRICS, METRIC_NAMES
+from pipeline.train.normalize import NormalizationPlan
+
+TABLE_COLUMNS: tuple[tuple[str, str], ...] = (
+    ("accuracy", "Acc"), ("dice", "Dice"), ("f2", "F2"), ("iou", "IoU"),
+    ("precision", "Precision"), ("recall", "Recall"), ("specificity", "Spec"),
+    ("hd95", "HD95 (mm)"), ("hd", "HD (mm)"),
+)
+"""Summary columns in the thesis's order (Acc, Dice, F2, IoU, Precision, Recall, HD)."""
+
+
+def resolve_loss_specs(names: Sequence[str], manifest_spec: Mapping[str, Any] | None = None,
+                       ) -> dict[str, dict[str, Any]]:
+    """Loss name -> ``build_loss`` spec; ``"manifest"`` takes the manifest's spec.
+
+    Every spec is built once here, so a bad name fails before any training.
+
+    Raises
+    ------
+    ValueError
+        Empty or repeated names, an unknown name (with the registry's suggestion), or
+        ``"manifest"`` without a manifest.
+    """
+    names = [n.strip() for n in names if n.strip()]
+    if not names:
+        raise ValueError("no loss named; give --losses, e.g. manifest,bce,dice,focal")
+    if len(set(names)) != len(names):
+        raise ValueError(f"loss names repeat: {names!r}")
+    specs: dict[str, dict[str, Any]] = {}
+    for name in names:
+        if name == "manifest":
+            if manifest_spec is None:
+                raise ValueError("loss 'manifest' needs a manifest (--manifest)")
+            spec = dict(manifest_spec)
+        else:
+            spec = {"name": name}
+        build_loss(spec)
+        specs[name] = spec
+    return specs
+
+
+def load_training_manifest(path: str | Path, channels: Sequence[str]
+                           ) -> tuple[Any, dict[str, Any], NormalizationPlan]:
+    """Load and check a manifest for training: ``(manifest, loss_spec, plan)``.
+
+    Raises
+    ------
+    FileNotFoundError
+        If the file does not exist.
+    pipeline.errors.ManifestError
+        If it does not validate, its loss does not build (the registry's message, with
+        the field ``loss.terms[i]``), or its normalization plan lacks a store channel;
+        every message names the file and the field.
+    """
+    from stats.manifest import ManifestError as StatsManifestError
+    from stats.manifest import load_manifest
+
+    try:
+        manifest = load_manifest(path)
+    except StatsManifestError as err:
+        raise ManifestError(str(err)) from err
+    spec = manifest.loss_spec()
+    try:
+        build_loss(spec)
+    except ValueError as err:
+        raise ManifestError(f"{path}: field loss.{err}") from err
+    plan = NormalizationPlan.from_manifest(manifest, channels, source=str(path))
+    return manifest, spec, plan
+
+
+@dataclass(frozen=True)
+class BenchmarkResult:
+    """The results of a benchmark run and where they were written."""
+
+    out_dir: Path
+    folds: list[FoldResult]
+    failures: dict[str, str]
+    summary: list[dict[str, Any]]
+
+    def markdown(self) -> str:
+        return summary_markdown(self.summary)
+
+
+def _versions() -> dict[str, str]:
+    out = {}
+    for pkg in ("xrai-pipeline", "torch", "monai", "numpy", "scipy", "zarr"):
+        try:
+            out[pkg] = metadata.version(pkg)
+        except metadata.PackageNotFoundError:
+            out[pkg] = "not installed"
+    return out
+
+
+def fold_means(result: FoldResult) -> dict[str, Any]:
+    """Means over one fold's validation cases (distances over defined cases only)."""
+    row: dict[str, Any] = {"loss": result.loss, "fold": result.fold, "n_cases": len(result.cases)}
+    for m in METRIC_NAMES:
+        values = np.array([c[m] for c in result.cases], dtype=np.float64)
+        defined = values[~np.isnan(values)]
+        row[m] = float(defined.mean()) if defined.size else math.nan
+    row["hd_undefined"] = int(sum(math.isnan(c["hd"]) for c in result.cases))
+    row["train_seconds"] = result.train_seconds
+    row["voxels_per_s"] = result.voxels_per_s
+    return row
+
+
+def summarize(per_fold: Sequence[Mapping[str, Any]], losses: Sequence[str]) -> list[dict[str, Any]]:
+    """Per loss: ``{metric: {"mean", "std", "n_folds"}}`` over its folds' means."""
+    out = []
+    for loss in losses:
+        rows = [r for r in per_fold if r["loss"] == loss]
+        entry: dict[str, Any] = {"loss": loss, "n_folds": len(rows)}
+        for m in METRIC_NAMES:
+            v = np.array([r[m] for r in rows], dtype=np.float64)
+            v = v[~np.isnan(v)]
+            entry[m] = {"mean": float(v.mean()) if v.size else math.nan,
+                        "std": float(v.std(ddof=1)) if v.size > 1 else math.nan,
+                        "n_folds": int(v.size)}
+        out.append(entry)
+    return out
+
+
+def format_cell(metric: str, stat: Mapping[str, float]) -> str:
+    """``"95.11 ± 1.92"`` (ratios in %) or ``"3.20 ± 0.41"`` (mm); ``"–"`` if undefined."""
+    mean, std = stat["mean"], stat["std"]
+    if math.isnan(mean):
+        return "–"
+    scale = 1.0 if metric in DISTANCE_METRICS else 100.0
+    s = f"{mean * scale:.2f}"
+    return s + (f" ± {std * scale:.2f}" if not math.isnan(std) else "")
+
+
+def summary_markdown(summary: Sequence[Mapping[str, Any]]) -> str:
+    """The summary as a markdown table, one row per loss (mean ± std over folds)."""
+    head = ["Loss", *(label for _, label in TABLE_COLUMNS)]
+    lines = ["| " + " | ".join(head) + " |", "|" + "---|" * len(head)]
+    for entry in summary:
+        cells = [str(entry["loss"]), *(format_cell(m, entry[m]) for m, _ in TABLE_COLUMNS)]
+        lines.append("| " + " | ".join(cells) + " |")
+    return "\n".join(lines) + "\n"
+
+
+def _write_rows(path: Path, rows: Sequence[Mapping[str, Any]]) -> None:
+    path.with_suffix(".json").write_text(json.dumps(list(rows), indent=1, allow_nan=True))
+    if not rows:
+        path.write_text("")
+        return
+    with path.open("w", newline="") as fh:
+        writer = csv.DictWriter(fh, fieldnames=list(rows[0]))
+        writer.writeheader()
+        writer.writerows(rows)
+
+
+def run_benchmark(store_url: str, dataset: str, losses: Sequence[str], *,
+                  plan: NormalizationPlan, cfg: TrainConfig, folds: int, out_dir: Path,
+                  manifest_spec: Mapping[str, Any] | None = None,
+                  manifest_path: str | Path | None = None, resume: bool = True,
+                  progress: Progress | None = None) -> BenchmarkResult:
+    """Train every loss in ``losses`` on the same ``folds``-fold split; write RUN_DIR.
+
+    Parameters
+    ----------
+    store_url, dataset : str
+        The store and dataset (all committed cases take part).
+    losses : sequence of str
+        Registry names; ``"manifest"`` uses ``manifest_spec``.
+    plan : NormalizationPlan
+        Intensity normalization (the manifest's).
+    cfg : TrainConfig
+        The common protocol.
+    folds : int
+        k of the k-fold split (seeded by ``cfg.seed``).
+    out_dir : Path
+        The run directory.
+    manifest_spec, manifest_path
+        The manifest's loss spec, and the file it came from (recorded with its hash).
+    resume : bool, default True
+        Reuse finished folds and continue from checkpoints in ``out_dir``.
+    progress : callable, optional
+        Receives the loop's progress events plus ``{"kind": "fold_done", ...}``.
+
+    Returns
+    -------
+    BenchmarkResult
+        A fold that diverged (NaN loss) is listed in ``failures`` and left out.
+    """
+    specs = resolve_loss_specs(losses, manifest_spec)
+    store = DatasetStore.open(store_url, dataset)
+    plan.check_channels(store.channels)
+    case_ids = list(store.committed())
+    splits = kfold_split(case_ids, folds, cfg.seed)
+    device = select_device(cfg.device)
+    out_dir = Path(out_dir)
+    out_dir.mkdir(parents=True, exist_ok=True)
+    config = {
+        "store": store_url, "dataset": dataset, "losses": specs,
+        "folds": [{"index": f.index, "train": list(f.train), "val": list(f.val)} for f in splits],
+        "train": cfg.to_dict(), "normalization": plan.to_dict(), "device": str(device),
+        "amp": amp_mode(device, cfg.amp).name, "spacing_xyz_mm": list(store.grid.spacing),
+        "manifest": None if manifest_path is None else str(manifest_path),
+        "manifest_sha256": (hashlib.sha256(Path(manifest_path).read_bytes()).hexdigest()
+                            if manifest_path is not None else None),
+        "packages": _versions(), "created_at": datetime.now(timezone.utc).isoformat(),
+        "registry": sorted(LOSSES),
+    }
+    (out_dir / "config.json").write_text(json.dumps(config, indent=1))
+    spacing_zyx = tuple(float(s) for s in store.grid.spacing[::-1])
+    channels = list(store.channels)
+    overlay_channel = channels.index("t2f") if "t2f" in channels else 0
+    results: list[FoldResult] = []
+    failures: dict[str, str] = {}
+    for name, spec in specs.items():
+        for fold in splits:
+            try:
+                res = train_fold(store_url, dataset, fold, name, spec, plan, cfg,
+                                 out_dir / name / f"fold{fold.index}", spacing_zyx=spacing_zyx,
+                                 resume=resume, progress=progress,
+                                 overlay_channel=overlay_channel)
+            except TrainingDiverged as err:
+                failures[f"{name}/fold{fold.index}"] = str(err)
+                continue
+            results.append(res)
+            if progress:
+                progress({"kind": "fold_done", "loss": name, "fold": fold.index,
+                          "dice": float(np.mean([c["dice"] for c in res.cases]))})
+    per_case = [{"loss": r.loss, "fold": r.fold, **c} for r in results for c in r.cases]
+    per_fold = [fold_means(r) for r in results]
+    summary = summarize(per_fold, list(specs))
+    _write_rows(out_dir / "metrics_per_case.csv", per_case)
+    _write_rows(out_dir / "metrics_per_fold.csv", per_fold)
+    (out_dir / "summary.json").write_text(json.dumps(
+        {"summary": summary, "failures": failures}, indent=1, allow_nan=True))
+    note = ("\nMean ± sample std over folds of the per-fold means; ratios in %, distances "
+            "in mm (HD95, HD over cases where both masks are non-empty).\n")
+    fail = "".join(f"\n- {k} failed: {v}" for k, v in failures.items())
+    (out_dir / "summary.md").write_text(summary_markdown(summary) + note + fail + "\n")
+    plot_curves(results, out_dir / "curves.png")
+    plot_adaptive(results, out_dir / "adaptive.png")
+    plot_overlays(results, out_dir / "overlays.png")
+    return BenchmarkResult(out_dir, results, failures, summary)
+
+
+# -- plots ---------------------------------------------------------------------------------
+
+
+def _pyplot() -> Any:
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    return plt
+
+
+def plot_curves(results: Sequence[FoldResult], path: Path) -> Path | None:
+    """Training loss and validation Dice per epoch, one panel per loss, one line per fold."""
+    if not results:
+        return None
+    plt = _pyplot()
+    losses = list(dict.fromkeys(r.loss for r in results))
+    fig, axes = plt.subplots(2, len(losses), figsize=(3.2 * len(losses), 5.5), squeeze=False)
+    for j, loss in enumerate(losses):
+        for r in (r for r in results if r.loss == loss):
+            ep = [h["epoch"] for h in r.history]
+            axes[0, j].plot(ep, [h["train_loss"] for h in r.history], label=f"fold {r.fold}")
+            val = [(h["epoch"], h["val_dice"]) for h in r.history if "val_dice" in h]
+            if val:
+                axes[1, j].plot(*zip(*val, strict=True), marker="o", label=f"fold {r.fold}")
+        axes[0, j].set_title(loss)
+        axes[0, j].set_xlabel("epoch")
+        axes[1, j].set_xlabel("epoch")
+        axes[1, j].set_ylim(0, 1)
+    axes[0, 0].set_ylabel("training loss")
+    axes[1, 0].set_ylabel("validation Dice")
+    axes[0, 0].legend(fontsize=7)
+    fig.tight_layout()
+    fig.savefig(path, dpi=100)
+    plt.close(fig)
+    return path
+
+
+def plot_adaptive(results: Sequence[FoldResult], path: Path) -> Path | None:
+    """Effective term weights of manifest losses and adaptive-Tversky alpha/beta per epoch."""
+    series = [r for r in results if any(h.get("weights") for h in r.history)
+              or any(h.get("alpha") is not None for h in r.history)]
+    if not series:
+        return None
+    plt = _pyplot()
+    fig, axes = plt.subplots(1, 2, figsize=(10, 3.8), squeeze=False)
+    for r in series:
+        ep = [h["epoch"] for h in r.history]
+        w = [h["weights"] for h in r.history]
+        if w and w[0]:
+            for i, name in enumerate(r.term_names or range(len(w[0]))):
+                axes[0, 0].plot(ep, [x[i] for x in w], label=f"{r.loss} f{r.fold}: {name}")
+        if any(h.get("alpha") is not None for h in r.history):
+            axes[0, 1].plot(ep, [h["alpha"] for h in r.history], label=f"{r.loss} f{r.fold}: α")
+            axes[0, 1].plot(ep, [h["beta"] for h in r.history], "--",
+                            label=f"{r.loss} f{r.fold}: β")
+    axes[0, 0].set_title("term weights (epoch mean)")
+    axes[0, 1].set_title("adaptive Tversky α, β (epoch mean)")
+    for ax in axes[0]:
+        ax.set_xlabel("epoch")
+        if ax.lines:
+            ax.legend(fontsize=6)
+    fig.tight_layout()
+    fig.savefig(path, dpi=100)
+    plt.close(fig)
+    return path
+
+
+def plot_overlays(results: Sequence[FoldResult], path: Path, max_cases: int = 3) -> Path | None:
+    """Axial slice of largest tumour area per case: truth (green) and prediction (red)."""
+    losses = list(dict.fromkeys(r.loss for r in results))
+    cases: list[str] = []
+    for r in results:
+        for key in r.overlays:
+            cid = key.rsplit("/", 1)[0]
+            if cid not in cases and len(cases) < max_cases:
+                cases.append(cid)
+    if not cases:
+        return None
+    plt = _pyplot()
+    fig, axes = plt.subplots(len(cases), len(losses), figsize=(2.6 * len(losses),
+                                                                2.6 * len(cases)), squeeze=False)
+    for j, loss in enumerate(losses):
+        by_case = {k.rsplit("/", 1)[0]: r for r in results if r.loss == loss for k in r.overlays}
+        for i, cid in enumerate(cases):
+            ax = axes[i, j]
+            ax.axis("off")
+            r = by_case.get(cid)
+            if r is None:
+                continue
+            ax.imshow(r.overlays[f"{cid}/image"], cmap="gray")
+            with warnings.catch_warnings():  # an empty mask has no contour
+                warnings.simplefilter("ignore")
+                ax.contour(r.overlays[f"{cid}/truth"].astype(float), levels=[0.5],
+                           colors="lime", linewidths=0.8)
+                ax.contour(r.overlays[f"{cid}/pred"].astype(float), levels=[0.5],
+                           colors="red", linewidths=0.8)
+            ax.set_title(f"{loss}\n{cid}", fontsize=7)
+    fig.tight_layout()
+    fig.savefig(path, dpi=100)
+    plt.close(fig)
+    return path
+
+
+__all__ = [
+    "TABLE_COLUMNS",
+    "BenchmarkResult",
+    "fold_means",
+    "format_cell",
+    "load_training_manifest",
+    "plot_adaptive",
+    "plot_curves",
+    "plot_overlays",
+    "resolve_loss_specs",
+    "run_benchmark",
+    "summarize",
+    "summary_markdown",
+]

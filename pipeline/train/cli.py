@@ -1,0 +1,153 @@
+"""``xrai train``: every named loss under one protocol on a store, with progress bars.
+
+The lead registers it with ``app.command("train")(train)``; ``make demo`` may call
+``train(...)`` directly as a function.
+"""
+
+from __future__ import annotations
+
+import os
+import time
+from pathlib import Path
+from typing import Annotated, Any
+
+import typer
+from rich.console import Console
+from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn
+from rich.table import Table
+
+from pipeline.errors import XraiError
+from pipeline.store import DatasetStore
+from pipeline.train.benchmark import (
+    TABLE_COLUMNS,
+    BenchmarkResult,
+    format_cell,
+    load_training_manifest,
+    run_benchmark,
+)
+from pipeline.train.data import SamplingConfig
+from pipeline.train.loop import TrainConfig, amp_mode, select_device
+
+console = Console()
+err_console = Console(stderr=True)
+
+
+def summary_table(result: BenchmarkResult, title: str = "validation metrics") -> Table:
+    """The summary as a rich table (mean ± std over folds; ratios in %, distances in mm)."""
+    table = Table(title=f"{title}: mean ± std over folds")
+    table.add_column("Loss")
+    for _, label in TABLE_COLUMNS:
+        table.add_column(label, justify="right")
+    for entry in result.summary:
+        table.add_row(entry["loss"], *(format_cell(m, entry[m]) for m, _ in TABLE_COLUMNS))
+    return table
+
+
+def _progress() -> Progress:
+    return Progress(TextColumn("[bold]{task.description}"), BarColumn(), MofNCompleteColumn(),
+                    TextColumn("{task.fields[last]}"), TimeElapsedColumn(), console=err_console,
+                    disable=not err_console.is_terminal and "XRAI_PROGRESS" not in os.environ)
+
+
+def train(
+    manifest: Annotated[Path, typer.Option(help="Loss manifest (JSON) from `xrai manifest`.")],
+    store: Annotated[str, typer.Option(help="Zarr store path or fsspec URL.")],
+    out: Annotated[Path, typer.Option(help="Run directory for results and checkpoints.")],
+    dataset: Annotated[str | None, typer.Option(
+        help="Dataset in the store; default: the manifest's dataset.")] = None,
+    losses: Annotated[str, typer.Option(
+        help="Comma-separated registry names; 'manifest' is the manifest's loss.")
+    ] = "manifest,bce,dice,focal",
+    folds: Annotated[int, typer.Option(min=2, help="k of k-fold cross-validation.")] = 3,
+    epochs: Annotated[int, typer.Option(min=1, help="Epochs per fold.")] = 10,
+    dim: Annotated[str, typer.Option(help="2d (axial slices) or 3d (patches).")] = "2d",
+    device: Annotated[str, typer.Option(help="auto, cpu, cuda or cuda:N.")] = "auto",
+    amp: Annotated[str, typer.Option(help="Mixed precision on CUDA: auto, bf16, fp16, off.")
+    ] = "auto",
+    target: Annotated[str, typer.Option(help="wt (whole tumour, sigmoid) or multiclass.")
+    ] = "wt",
+    batch_size: Annotated[int, typer.Option(min=1)] = 8,
+    batches_per_epoch: Annotated[int, typer.Option(min=1)] = 25,
+    lr: Annotated[float, typer.Option(help="Initial AdamW learning rate (PolyLR, p=0.9).")
+    ] = 1e-3,
+    val_every: Annotated[int, typer.Option(min=1, help="Validate every m epochs.")] = 5,
+    features: Annotated[int, typer.Option(min=1, help="U-Net features at level 1.")] = 16,
+    levels: Annotated[int, typer.Option(min=2, help="U-Net resolution levels.")] = 3,
+    patch_size: Annotated[tuple[int, int, int] | None, typer.Option(
+        help="3d patch Z Y X (default 64 64 64); ignored in 2d.")] = None,
+    fg_fraction: Annotated[float, typer.Option(
+        min=0.0, max=1.0, help="Fraction of samples centred on tumour.")] = 1.0 / 3.0,
+    affine: Annotated[bool, typer.Option(help="Add affine augmentation (p = 0.3).")] = False,
+    workers: Annotated[int, typer.Option(min=0, help="Data-loader worker processes.")] = 2,
+    seed: Annotated[int, typer.Option(help="Seed of the split, sampling and weights.")] = 0,
+    resume: Annotated[bool, typer.Option(help="Continue from checkpoints in --out.")] = True,
+) -> None:
+    """Train every named loss under the same k-fold protocol and print the summary table.
+
+    Writes to --out: config.json, metrics_per_case.csv/.json, metrics_per_fold.csv/.json,
+    summary.md/.json, curves.png, adaptive.png, overlays.png, and per loss and fold a
+    checkpoint (last.pt) that --resume continues from.
+    """
+    try:
+        if dim not in ("2d", "3d"):
+            raise ValueError(f"--dim must be 2d or 3d, got {dim!r}")
+        if dim == "3d":
+            sampling = SamplingConfig(dim="3d", patch_size=tuple(patch_size or (64, 64, 64)),
+                                      fg_fraction=fg_fraction, affine_prob=0.3 if affine else 0.0)
+        else:
+            sampling = SamplingConfig(dim="2d", fg_fraction=fg_fraction,
+                                      affine_prob=0.3 if affine else 0.0)
+        cfg = TrainConfig(sampling=sampling, target=target, epochs=epochs,  # type: ignore[arg-type]
+                          batch_size=batch_size, batches_per_epoch=batches_per_epoch, lr=lr,
+                          val_every=val_every, features=features, levels=levels,
+                          workers=workers, device=device, amp=amp, seed=seed)  # type: ignore[arg-type]
+        dev = select_device(device)
+        if not manifest.is_file():
+            raise FileNotFoundError(f"manifest {str(manifest)!r} does not exist")
+        from stats.manifest import load_manifest
+
+        try:
+            ds_name = dataset or load_manifest(manifest).dataset.name
+        except ValueError as err:  # stats.manifest.ManifestError
+            raise XraiError(str(err)) from err
+        ds = DatasetStore.open(store, ds_name)
+        _, spec, plan = load_training_manifest(manifest, ds.channels)
+        names = [n.strip() for n in losses.split(",") if n.strip()]
+        console.print(
+            f"training {', '.join(names)} on [bold]{ds_name}[/] ({len(ds.committed())} cases), "
+            f"{folds} folds × {epochs} epochs, {dim}, device {dev} "
+            f"(mixed precision {amp_mode(dev, amp).name})", highlight=False)  # type: ignore[arg-type]
+        t0 = time.perf_counter()
+        with _progress() as bar:
+            total = len(names) * folds * epochs
+            runs = bar.add_task("epochs", total=total, last="")
+            steps = bar.add_task("steps", total=batches_per_epoch, last="")
+
+            def progress(ev: dict[str, Any]) -> None:
+                label = f"{ev['loss']} fold {ev['fold']}"
+                if ev["kind"] == "step":
+                    bar.update(steps, completed=ev["step"],
+                               last=f"{label} epoch {ev['epoch'] + 1}: loss {ev['value']:.4f}")
+                elif ev["kind"] == "epoch":
+                    dice = f", val Dice {ev['val_dice']:.3f}" if "val_dice" in ev else ""
+                    bar.update(runs, advance=1, last=f"{label}: loss {ev['train_loss']:.4f}{dice}")
+                    bar.reset(steps, total=batches_per_epoch)
+                elif ev["kind"] == "fold_done":
+                    done = (names.index(ev["loss"]) * folds + ev["fold"] + 1) * epochs
+                    bar.update(runs, completed=done, last=f"{label}: Dice {ev['dice']:.3f}")
+
+            result = run_benchmark(store, ds_name, names, plan=plan, cfg=cfg, folds=folds,
+                                   out_dir=out, manifest_spec=spec, manifest_path=manifest,
+                                   resume=resume, progress=progress)
+    except (XraiError, FileNotFoundError, KeyError, ValueError) as err:
+        err_console.print(f"[bold red]error:[/] {err}", highlight=False)
+        raise typer.Exit(1) from err
+    console.print(summary_table(result))
+    for key, reason in result.failures.items():
+        err_console.print(f"[bold red]{key} failed:[/] {reason}", highlight=False)
+    console.print(f"results in {out} ({time.perf_counter() - t0:.0f} s)", highlight=False)
+    if result.failures:
+        raise typer.Exit(3)
+
+
+__all__ = ["summary_table", "train"]

@@ -1,0 +1,554 @@
+"""The k-fold training loop: splits, device and mixed precision, training, validation,
+checkpoints with resume.
+
+Protocol (thesis, Hun 2021, chapter 8): cases are split into k folds by case with a fixed
+seed; for each fold a fresh U-Net is trained on the other folds with AdamW and the PolyLR
+schedule ``lr_e = lr_0 (1 - e / E)^0.9`` (eq. 8.1, stepped once per epoch), validated every
+``val_every`` epochs and after the last epoch on whole validation cases, and the metrics
+of the **final** model are reported (not the best validation step, which would be an
+optimistic choice on the validation data).
+
+Checkpoints: ``<fold_dir>/last.pt`` after every epoch holds only tensors and plain Python
+values (model, optimizer, scheduler, scaler, loss parameters, the weighting state, the
+history, the RNG state), so it loads with ``torch.load(weights_only=True)``. A fold whose
+``result.json`` exists is complete and is not retrained on resume.
+"""
+
+from __future__ import annotations
+
+import inspect
+import json
+import math
+import random
+import time
+from collections.abc import Callable, Mapping, Sequence
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
+from typing import Any, Literal
+
+import numpy as np
+import torch
+from torch import Tensor, nn
+from torch.utils.data import DataLoader
+
+from pipeline.errors import XraiError
+from pipeline.train.data import (
+    SamplingConfig,
+    Target,
+    TrainSamples,
+    ValidationCases,
+    n_output_channels,
+)
+from pipeline.train.losses import ManifestLoss, build_loss
+from pipeline.train.losses.region import AdaptiveTverskyLoss
+from pipeline.train.metrics import segmentation_metrics
+from pipeline.train.models import build_unet
+from pipeline.train.normalize import NormalizationPlan
+
+Progress = Callable[[Mapping[str, Any]], None]
+AmpOption = Literal["auto", "bf16", "fp16", "off"]
+CHECKPOINT = "last.pt"
+RESULT = "result.json"
+OVERLAYS = "overlays.npz"
+
+
+class TrainingDiverged(XraiError):
+    """The training loss became NaN or infinite (the thesis stops such a run)."""
+
+
+@dataclass(frozen=True)
+class TrainConfig:
+    """Everything that defines one training run of one loss on one fold.
+
+    Parameters
+    ----------
+    sampling : SamplingConfig
+        Slices or patches, tumour oversampling, augmentation; ``sampling.dim`` is the
+        network's dimensionality.
+    target : {"wt", "multiclass"}, default "wt"
+    epochs : int, default 10
+    batch_size, batches_per_epoch : int, default 8, 25
+    lr : float, default 1e-3
+        Initial learning rate (the thesis: 1e-3 / 2e-3).
+    weight_decay : float, default 1e-4
+        AdamW's decoupled weight decay.
+    poly_power : float, default 0.9
+        PolyLR exponent p.
+    val_every : int, default 5
+        Validation every ``val_every`` epochs (and always after the last).
+    features, levels : int, default 16, 3
+        U-Net width and depth.
+    workers : int, default 2
+        Data-loader worker processes (0: load in the main process).
+    device : str, default "auto"
+        "auto" (CUDA when present, else CPU), "cpu", "cuda" or "cuda:N".
+    amp : {"auto", "bf16", "fp16", "off"}, default "auto"
+        Mixed precision on CUDA: auto picks bf16 where supported, else fp16 with a
+        gradient scaler. Ignored (off) on the CPU.
+    seed : int, default 0
+    val_batch : int, default 16
+        Slices (2D) or windows (3D) per forward pass in validation.
+    n_overlays : int, default 2
+        Validation cases per fold kept for overlay plots.
+    """
+
+    sampling: SamplingConfig = field(default_factory=SamplingConfig)
+    target: Target = "wt"
+    epochs: int = 10
+    batch_size: int = 8
+    batches_per_epoch: int = 25
+    lr: float = 1e-3
+    weight_decay: float = 1e-4
+    poly_power: float = 0.9
+    val_every: int = 5
+    features: int = 16
+    levels: int = 3
+    workers: int = 2
+    device: str = "auto"
+    amp: AmpOption = "auto"
+    seed: int = 0
+    val_batch: int = 16
+    n_overlays: int = 2
+
+    def __post_init__(self) -> None:
+        for name in ("epochs", "batch_size", "batches_per_epoch", "val_every", "features",
+                     "val_batch"):
+            v = getattr(self, name)
+            if isinstance(v, bool) or not isinstance(v, int) or v < 1:
+                raise ValueError(f"{name} must be an int >= 1, got {v!r}")
+        if self.levels < 2:
+            raise ValueError(f"levels must be >= 2, got {self.levels!r}")
+        if self.workers < 0 or self.n_overlays < 0:
+            raise ValueError(f"workers and n_overlays must be >= 0, got {self.workers!r}, "
+                             f"{self.n_overlays!r}")
+        if not self.lr > 0 or self.weight_decay < 0 or not self.poly_power > 0:
+            raise ValueError(f"need lr > 0, weight_decay >= 0, poly_power > 0; got "
+                             f"{self.lr!r}, {self.weight_decay!r}, {self.poly_power!r}")
+        if self.amp not in ("auto", "bf16", "fp16", "off"):
+            raise ValueError(f"amp must be one of auto, bf16, fp16, off; got {self.amp!r}")
+        n_output_channels(self.target)
+
+    def to_dict(self) -> dict[str, Any]:
+        return asdict(self)
+
+
+# -- folds, seeds, device --------------------------------------------------------------
+
+
+@dataclass(frozen=True)
+class Fold:
+    """One split: ``index`` (0-based), training and validation case ids."""
+
+    index: int
+    train: tuple[str, ...]
+    val: tuple[str, ...]
+
+
+def kfold_split(case_ids: Sequence[str], k: int, seed: int = 0) -> list[Fold]:
+    """Split cases into ``k`` folds by case, reproducibly.
+
+    The ids are sorted, permuted with ``numpy.random.default_rng(seed)`` and cut into
+    ``k`` nearly equal validation folds (``numpy.array_split``); each fold trains on the
+    others. The result depends only on the set of ids, ``k`` and ``seed``.
+
+    Raises
+    ------
+    ValueError
+        If ``k < 2``, ids repeat, or there are fewer cases than folds.
+    """
+    ids = sorted(case_ids)
+    if isinstance(k, bool) or not isinstance(k, int) or k < 2:
+        raise ValueError(f"k-fold cross-validation needs k >= 2 folds, got {k!r}")
+    if len(set(ids)) != len(ids):
+        dup = next(c for c in ids if ids.count(c) > 1)
+        raise ValueError(f"case id {dup!r} appears more than once")
+    if len(ids) < k:
+        raise ValueError(f"{len(ids)} cases cannot fill {k} folds; use --folds <= {len(ids)}")
+    order = np.random.default_rng(seed).permutation(len(ids))
+    parts = np.array_split(order, k)
+    folds = []
+    for i, part in enumerate(parts):
+        val = tuple(sorted(ids[j] for j in part))
+        folds.append(Fold(i, tuple(c for c in ids if c not in set(val)), val))
+    return folds
+
+
+def seed_everything(seed: int) -> None:
+    """Seed Python, NumPy and torch (CPU and CUDA); make cuDNN deterministic."""
+    random.seed(seed)
+    np.random.seed(seed % 2**32)
+    torch.manual_seed(seed)
+    torch.backends.cudnn.benchmark = False
+    torch.backends.cudnn.deterministic = True
+
+
+def select_device(device: str = "auto") -> torch.device:
+    """``"auto"``: CUDA when available, else CPU; otherwise the named device.
+
+    Raises
+    ------
+    ValueError
+        If the name is not a device, or CUDA is requested but not available.
+    """
+    if device == "auto":
+        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    try:
+        dev = torch.device(device)
+    except RuntimeError as err:
+        raise ValueError(f"--device {device!r} is not a torch device (use auto, cpu, cuda, "
+                         f"cuda:N)") from err
+    if dev.type == "cuda" and not torch.cuda.is_available():
+        raise ValueError(f"--device {device!r}: CUDA is not available on this machine")
+    if dev.type not in ("cpu", "cuda"):
+        raise ValueError(f"--device {device!r}: only cpu and cuda are supported")
+    return dev
+
+
+@dataclass(frozen=True)
+class AmpMode:
+    """Autocast dtype (None: full precision) and whether a gradient scaler is used."""
+
+    dtype: torch.dtype | None
+    scaler: bool
+
+    @property
+    def name(self) -> str:
+        return {None: "off", torch.bfloat16: "bf16", torch.float16: "fp16"}[self.dtype]
+
+
+def amp_mode(device: torch.device, amp: AmpOption = "auto") -> AmpMode:
+    """Mixed-precision mode: bf16 (no scaler) or fp16 (with scaler) on CUDA, off on CPU."""
+    if device.type != "cuda" or amp == "off":
+        return AmpMode(None, False)
+    if amp == "auto":
+        amp = "bf16" if torch.cuda.is_bf16_supported() else "fp16"
+    return AmpMode(torch.bfloat16, False) if amp == "bf16" else AmpMode(torch.float16, True)
+
+
+# -- losses ----------------------------------------------------------------------------
+
+
+def _accepts(module: nn.Module, name: str) -> bool:
+    params = inspect.signature(module.forward).parameters
+    return name in params
+
+
+def needs_distance_map(loss: nn.Module) -> bool:
+    """Whether the loss (or a term of a manifest loss) takes ``distance_map=``."""
+    if isinstance(loss, ManifestLoss):
+        return any(_accepts(t, "distance_map") for t in loss.terms)
+    return _accepts(loss, "distance_map")
+
+
+def adaptive_tversky_terms(loss: nn.Module) -> list[tuple[str, AdaptiveTverskyLoss]]:
+    """``[(label, module)]`` for the adaptive Tversky loss or terms of a manifest loss."""
+    if isinstance(loss, AdaptiveTverskyLoss):
+        return [("adaptive_tversky", loss)]
+    if isinstance(loss, ManifestLoss):
+        return [(f"{name}[{i}]", t) for i, (name, t) in enumerate(zip(loss.term_names, loss.terms,
+                                                                        strict=True))
+                if isinstance(t, AdaptiveTverskyLoss)]
+    return []
+
+
+def _weighting_state(loss: nn.Module) -> dict[str, Any]:
+    if not isinstance(loss, ManifestLoss):
+        return {}
+    return {k: v for k, v in vars(loss.weighting).items()
+            if isinstance(v, (int, float, str, bool, list, tuple, type(None)))}
+
+
+def _restore_weighting(loss: nn.Module, state: Mapping[str, Any]) -> None:
+    if isinstance(loss, ManifestLoss):
+        for k, v in state.items():
+            setattr(loss.weighting, k, v)
+
+
+# -- inference ---------------------------------------------------------------------------
+
+
+@torch.no_grad()
+def predict_volume(model: nn.Module, image: Tensor, cfg: TrainConfig, device: torch.device,
+                   amp: AmpMode) -> Tensor:
+    """Logits ``(C', Z, Y, X)`` (float32, CPU) of one normalized case ``(C, Z, Y, X)``.
+
+    2D: every axial slice, ``cfg.val_batch`` per forward pass. 3D: MONAI's sliding-window
+    inference with the training patch size, 50 % overlap and Gaussian blending.
+    """
+    model.eval()
+    with torch.autocast(device.type, dtype=amp.dtype or torch.float32,
+                        enabled=amp.dtype is not None):
+        if cfg.sampling.dim == "2d":
+            slices = image.permute(1, 0, 2, 3)  # (Z, C, Y, X)
+            outs = [model(slices[i:i + cfg.val_batch].to(device)).float().cpu()
+                    for i in range(0, slices.shape[0], cfg.val_batch)]
+            return torch.cat(outs).permute(1, 0, 2, 3).contiguous()
+        from monai.inferers import sliding_window_inference
+
+        roi = cfg.sampling.patch_size
+        out = sliding_window_inference(image[None].to(device), roi_size=roi,
+                                       sw_batch_size=cfg.val_batch, predictor=model,
+                                       overlap=0.5, mode="gaussian")
+        return out[0].float().cpu()
+
+
+def tumour_mask(logits: Tensor) -> np.ndarray:
+    """Whole-tumour mask from logits ``(C', ...)``: logit > 0 (p > 0.5) for C' = 1, argmax > 0
+    otherwise."""
+    if logits.shape[0] == 1:
+        return (logits[0] > 0).numpy()
+    return (logits.argmax(dim=0) > 0).numpy()
+
+
+def evaluate(model: nn.Module, loss_fn: nn.Module, loader: DataLoader, cfg: TrainConfig,
+             device: torch.device, amp: AmpMode, spacing_zyx: Sequence[float],
+             *, keep: int = 0, overlay_channel: int = 0) -> tuple[list[dict[str, Any]], float,
+                                                                  dict[str, np.ndarray]]:
+    """Validate on whole cases: per-case metrics, mean loss, and ``keep`` overlays.
+
+    Metrics are of the whole tumour (label > 0) on annotated slices: predictions on
+    slices whose ``annotated`` flag is False are set to background, where the label is
+    background too, and those slices are left out of the loss.
+    """
+    loss_fn.eval()
+    rows, losses = [], []
+    overlays: dict[str, np.ndarray] = {}
+    for item in loader:
+        logits = predict_volume(model, item["image"], cfg, device, amp)
+        ann = item["annotated"].bool()
+        pred = tumour_mask(logits)
+        pred[~ann.numpy()] = False
+        truth = item["label"].numpy() > 0
+        metrics = segmentation_metrics(pred, truth, spacing_zyx)
+        if ann.any():
+            with torch.no_grad():
+                lg, tg = logits[:, ann], item["target"][:, ann]
+                if cfg.sampling.dim == "2d":
+                    lg, tg = lg.permute(1, 0, 2, 3), tg.permute(1, 0, 2, 3)
+                else:
+                    lg, tg = lg[None], tg[None]
+                value = float(loss_fn(lg, tg))
+            losses.append(value)
+        rows.append({"case": item["case_id"], **metrics})
+        if len(overlays) < 3 * keep:
+            area = truth.sum(axis=(1, 2))
+            z = int(area.argmax()) if area.any() else truth.shape[0] // 2
+            cid = item["case_id"]
+            overlays[f"{cid}/image"] = item["image"][overlay_channel, z].numpy()
+            overlays[f"{cid}/truth"] = truth[z]
+            overlays[f"{cid}/pred"] = pred[z]
+    loss_fn.train()
+    return rows, float(np.mean(losses)) if losses else math.nan, overlays
+
+
+# -- one fold ----------------------------------------------------------------------------
+
+
+@dataclass(frozen=True)
+class FoldResult:
+    """What one (loss, fold) run produced.
+
+    ``history``: one dict per epoch (``epoch``, ``lr``, ``train_loss``, ``components``,
+    ``weights``, ``alpha``, ``beta``, and on validation epochs ``val_loss``,
+    ``val_dice``); ``cases``: final per-case metrics; ``train_seconds`` and
+    ``voxels_per_s``: training time and throughput (validation excluded).
+    """
+
+    loss: str
+    fold: int
+    history: list[dict[str, Any]]
+    cases: list[dict[str, Any]]
+    train_seconds: float
+    voxels_per_s: float
+    term_names: tuple[str, ...] = ()
+    overlays: dict[str, np.ndarray] = field(default_factory=dict, compare=False, repr=False)
+
+    def to_json(self) -> dict[str, Any]:
+        return {"loss": self.loss, "fold": self.fold, "history": self.history,
+                "cases": self.cases, "train_seconds": self.train_seconds,
+                "voxels_per_s": self.voxels_per_s, "term_names": list(self.term_names)}
+
+
+def _loader(ds: Any, *, batch_size: int | None, workers: int, device: torch.device) -> DataLoader:
+    return DataLoader(ds, batch_size=batch_size, num_workers=workers,
+                      pin_memory=device.type == "cuda", persistent_workers=False)
+
+
+def _mean(values: list[Sequence[float]]) -> list[float]:
+    return [float(v) for v in np.mean(np.asarray(values, dtype=np.float64), axis=0)] if values else []
+
+
+def save_checkpoint(path: Path, state: Mapping[str, Any]) -> None:
+    """Write a checkpoint atomically (temporary file, then rename)."""
+    tmp = path.with_suffix(".tmp")
+    torch.save(dict(state), tmp)
+    tmp.replace(path)
+
+
+def load_checkpoint(path: Path, device: torch.device | str = "cpu") -> dict[str, Any]:
+    """Load a checkpoint safely: ``torch.load(weights_only=True)`` (no arbitrary objects)."""
+    return torch.load(path, map_location=device, weights_only=True)
+
+
+def train_fold(store_url: str, dataset: str, fold: Fold, loss_name: str,
+               loss_spec: Mapping[str, Any], plan: NormalizationPlan, cfg: TrainConfig,
+               fold_dir: Path, *, spacing_zyx: Sequence[float], resume: bool = True,
+               progress: Progress | None = None, overlay_channel: int = 0) -> FoldResult:
+    """Train one loss on one fold and validate the final model; see the module docstring.
+
+    Raises
+    ------
+    TrainingDiverged
+        If the training loss becomes NaN or infinite.
+    """
+    fold_dir.mkdir(parents=True, exist_ok=True)
+    done = fold_dir / RESULT
+    if resume and done.exists():
+        data = json.loads(done.read_text())
+        ov = fold_dir / OVERLAYS
+        overlays = dict(np.load(ov, allow_pickle=False)) if ov.exists() else {}
+        return FoldResult(data["loss"], data["fold"], data["history"], data["cases"],
+                          data["train_seconds"], data["voxels_per_s"],
+                          tuple(data.get("term_names", ())), overlays)
+
+    device = select_device(cfg.device)
+    amp = amp_mode(device, cfg.amp)
+    seed = cfg.seed * 1000 + fold.index
+    seed_everything(seed)
+    in_channels = len(plan.channels)
+    model = build_unet(cfg.sampling.dim, in_channels, n_output_channels(cfg.target),
+                       features=cfg.features, levels=cfg.levels).to(device)
+    loss_fn = build_loss(loss_spec).to(device)
+    loss_fn.train()
+    params = list(model.parameters()) + list(loss_fn.parameters())
+    optimizer = torch.optim.AdamW(params, lr=cfg.lr, weight_decay=cfg.weight_decay)
+    scheduler = torch.optim.lr_scheduler.PolynomialLR(optimizer, total_iters=cfg.epochs,
+                                                      power=cfg.poly_power)
+    scaler = torch.amp.GradScaler("cuda", enabled=amp.scaler)
+    history: list[dict[str, Any]] = []
+    start_epoch, train_seconds, voxels = 0, 0.0, 0
+    ckpt = fold_dir / CHECKPOINT
+    if resume and ckpt.exists():
+        state = load_checkpoint(ckpt, device)
+        model.load_state_dict(state["model"])
+        optimizer.load_state_dict(state["optimizer"])
+        scheduler.load_state_dict(state["scheduler"])
+        if state.get("scaler"):
+            scaler.load_state_dict(state["scaler"])
+        loss_fn.load_state_dict(state["loss"])
+        _restore_weighting(loss_fn, state["weighting"])
+        history = list(state["history"])
+        start_epoch = int(state["epoch"]) + 1
+        train_seconds, voxels = float(state["train_seconds"]), int(state["voxels"])
+        torch.set_rng_state(state["rng"])
+
+    use_dm = needs_distance_map(loss_fn)
+    train_ds = TrainSamples(store_url, dataset, fold.train, plan, sampling=cfg.sampling,
+                            target=cfg.target, batch_size=cfg.batch_size,
+                            batches_per_epoch=cfg.batches_per_epoch, seed=seed,
+                            distance_maps=use_dm)
+    val_loader = _loader(ValidationCases(store_url, dataset, fold.val, plan, target=cfg.target),
+                         batch_size=None, workers=min(cfg.workers, len(fold.val)), device=device)
+    tversky = adaptive_tversky_terms(loss_fn)
+    term_names = tuple(loss_fn.term_names) if isinstance(loss_fn, ManifestLoss) else ()
+    cases: list[dict[str, Any]] = []
+    overlays: dict[str, np.ndarray] = {}
+
+    for epoch in range(start_epoch, cfg.epochs):
+        model.train()
+        train_ds.set_epoch(epoch)
+        loader = _loader(train_ds, batch_size=cfg.batch_size, workers=cfg.workers, device=device)
+        lr = optimizer.param_groups[0]["lr"]
+        values, comps, weights, alphas, betas = [], [], [], [], []
+        t0 = time.perf_counter()
+        for step, batch in enumerate(loader):
+            x = batch["image"].to(device, non_blocking=True)
+            y = batch["target"].to(device, non_blocking=True)
+            extras = ({"distance_map": batch["distance_map"].to(device, non_blocking=True)}
+                      if use_dm else {})
+            with torch.autocast(device.type, dtype=amp.dtype or torch.float32,
+                                enabled=amp.dtype is not None):
+                logits = model(x)
+            loss = loss_fn(logits.float(), y, **extras)
+            value = float(loss.detach())
+            if not math.isfinite(value):
+                raise TrainingDiverged(f"loss {loss_name!r}, fold {fold.index}, epoch {epoch}, "
+                                       f"step {step}: training loss is {value!r}")
+            optimizer.zero_grad(set_to_none=True)
+            scaler.scale(loss).backward()
+            scaler.step(optimizer)
+            scaler.update()
+            voxels += x.numel() // x.shape[1]
+            values.append(value)
+            if isinstance(loss_fn, ManifestLoss):
+                comps.append(loss_fn.last_values)
+                weights.append(loss_fn.weights)
+            for _, module in tversky[:1]:
+                with torch.no_grad():
+                    a, b = module.weights(logits.detach().float(), y)
+                alphas.append(float(a.mean()))
+                betas.append(float(b.mean()))
+            if progress:
+                progress({"kind": "step", "loss": loss_name, "fold": fold.index, "epoch": epoch,
+                          "step": step + 1, "steps": cfg.batches_per_epoch, "value": value})
+        if device.type == "cuda":
+            torch.cuda.synchronize(device)
+        train_seconds += time.perf_counter() - t0
+        scheduler.step()
+        record: dict[str, Any] = {
+            "epoch": epoch + 1, "lr": lr, "train_loss": float(np.mean(values)),
+            "components": _mean(comps), "weights": _mean(weights),
+            "alpha": float(np.mean(alphas)) if alphas else None,
+            "beta": float(np.mean(betas)) if betas else None,
+        }
+        last = epoch + 1 == cfg.epochs
+        if last or (epoch + 1) % cfg.val_every == 0:
+            cases, val_loss, overlays = evaluate(
+                model, loss_fn, val_loader, cfg, device, amp, spacing_zyx,
+                keep=cfg.n_overlays if last else 0, overlay_channel=overlay_channel)
+            record["val_loss"] = val_loss
+            record["val_dice"] = float(np.mean([c["dice"] for c in cases]))
+        history.append(record)
+        save_checkpoint(ckpt, {
+            "epoch": epoch, "model": model.state_dict(), "optimizer": optimizer.state_dict(),
+            "scheduler": scheduler.state_dict(),
+            "scaler": scaler.state_dict() if amp.scaler else {},
+            "loss": loss_fn.state_dict(), "weighting": _weighting_state(loss_fn),
+            "history": history, "train_seconds": train_seconds, "voxels": voxels,
+            "rng": torch.get_rng_state(),
+        })
+        if progress:
+            progress({"kind": "epoch", "loss": loss_name, "fold": fold.index, "epoch": epoch + 1,
+                      "epochs": cfg.epochs, **{k: v for k, v in record.items()
+                                               if k in ("train_loss", "val_dice")}})
+    if not cases:  # resumed after the last epoch's checkpoint but before result.json
+        cases, _, overlays = evaluate(model, loss_fn, val_loader, cfg, device, amp, spacing_zyx,
+                                      keep=cfg.n_overlays, overlay_channel=overlay_channel)
+    result = FoldResult(loss_name, fold.index, history, cases, train_seconds,
+                        voxels / train_seconds if train_seconds > 0 else math.nan, term_names,
+                        overlays)
+    if overlays:
+        np.savez_compressed(fold_dir / OVERLAYS, **overlays)
+    tmp = done.with_suffix(".tmp")
+    tmp.write_text(json.dumps(result.to_json(), indent=1, allow_nan=True))
+    tmp.replace(done)
+    return result
+
+
+__all__ = [
+    "AmpMode",
+    "Fold",
+    "FoldResult",
+    "TrainConfig",
+    "TrainingDiverged",
+    "amp_mode",
+    "evaluate",
+    "kfold_split",
+    "load_checkpoint",
+    "needs_distance_map",
+    "predict_volume",
+    "save_checkpoint",
+    "seed_everything",
+    "select_device",
+    "train_fold",
+]
