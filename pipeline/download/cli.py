@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import enum
 import os
+import sys
 from pathlib import Path
 from typing import Annotated
 
@@ -165,7 +166,8 @@ def download(
     rest usable; 2 nothing usable, usage error, unknown or controlled-access collection,
     or too little disk space.
     """
-    out, err = Console(highlight=False), Console(stderr=True, highlight=False)
+    out = Console(highlight=False, width=None if sys.stdout.isatty() else 120)
+    err = Console(stderr=True, highlight=False, soft_wrap=True)
     token = os.environ.get(TOKEN_ENV) or None
 
     def fail(message: str) -> None:

@@ -7,6 +7,7 @@ The lead registers it with ``app.command("train")(train)``; ``make demo`` may ca
 from __future__ import annotations
 
 import os
+import sys
 import time
 from pathlib import Path
 from typing import Annotated, Any
@@ -28,8 +29,8 @@ from pipeline.train.benchmark import (
 from pipeline.train.data import SamplingConfig
 from pipeline.train.loop import TrainConfig, amp_mode, select_device
 
-console = Console()
-err_console = Console(stderr=True)
+console = Console(width=None if sys.stdout.isatty() else 120)
+err_console = Console(stderr=True, soft_wrap=True)
 
 
 def summary_table(result: BenchmarkResult, title: str = "validation metrics") -> Table:
