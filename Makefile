@@ -41,3 +41,30 @@ bench-train: setup
 	$(PY) -m benchmarks.bench_train
 
 bench: bench-ingest bench-stats bench-train
+
+# --- Prefect: server and UI, served deployments, the end-to-end flow ---------------
+PORT ?= 4200
+DATASET ?= phantom
+SOURCE ?= phantom
+CONFIG ?= xrai-deployments.yaml
+PREFECT_HOME_DIR := $(CURDIR)/.prefect
+PREFECT_ENV := PREFECT_HOME=$(PREFECT_HOME_DIR) DO_NOT_TRACK=1 \
+	PREFECT_SERVER_ANALYTICS_ENABLED=false PREFECT_SERVER_API_HOST=127.0.0.1 \
+	PREFECT_SERVER_API_PORT=$(PORT) PREFECT_SERVER_UI_API_URL=http://127.0.0.1:$(PORT)/api \
+	PREFECT_LOGGING_EXTRA_LOGGERS=pipeline,stats
+.PHONY: server serve pipeline e2e
+server: setup
+	$(PREFECT_ENV) $(VENV)/bin/prefect server start --host 127.0.0.1 --port $(PORT) --analytics-off
+
+serve: setup
+	$(PREFECT_ENV) PREFECT_API_URL=http://127.0.0.1:$(PORT)/api $(PY) -m flows serve --config $(CONFIG)
+
+pipeline: setup
+	@api=$$($(PY) -m flows server-url --port $(PORT)); \
+	if [ -n "$$api" ]; then echo "pipeline: running against the Prefect server at $$api"; \
+	else echo "pipeline: no server on port $(PORT); Prefect starts a temporary one (15-20 s)"; fi; \
+	env $(PREFECT_ENV) $${api:+PREFECT_API_URL=$$api} $(PY) -m flows pipeline \
+		--dataset $(DATASET) --source $(SOURCE)
+
+e2e: setup
+	$(PY) -m flows.e2e

@@ -1,0 +1,304 @@
+"""Prefect tasks: each one calls one plain function of `pipeline` or `stats`.
+
+Work is keyed by content through the store, not through Prefect's result cache: a case
+whose source files hash to its committed content hash is not re-ingested
+(`pipeline.ingest.ingest_case` compares them), and a case whose persisted statistics
+carry its content hash and the engine fingerprint is not recomputed
+(`pipeline.stats_runner`). The store is the one record of what is done, so deleting or
+moving it can never leave a stale cache that skips work; the tasks therefore use
+``NO_CACHE``, and are idempotent.
+
+Tasks that touch storage or the network retry with exponential backoff
+(`STORAGE_RETRIES`, `NETWORK_RETRIES`); bad *data* never raises (the case is
+quarantined), so a retry only repeats an I/O failure.
+"""
+
+from __future__ import annotations
+
+import logging
+import os
+from pathlib import Path
+from typing import Any
+
+from prefect import get_run_logger, task
+from prefect.cache_policies import NO_CACHE
+from prefect.tasks import exponential_backoff
+
+from flows.config import DaskOptions, DownloadSource, TrainOptions
+from pipeline.errors import XraiError
+from pipeline.ingest import CaseOutcome, ingest_case
+from pipeline.sources.base import CaseSource
+from pipeline.store import DatasetStore, Grid
+from stats.dataset import EngineConfig
+from stats.manifest import Manifest, build_manifest, load_manifest, write_manifest
+from stats.summary import DatasetStats
+
+#: Retries of tasks that read or write the store (local disk or object storage).
+STORAGE_RETRIES = 2
+#: Retries of tasks that talk to a remote archive (on top of the HTTP client's own).
+NETWORK_RETRIES = 3
+
+
+def worth_retrying(exc: BaseException | None) -> bool:
+    """Whether a task that raised `exc` may succeed when run again.
+
+    An I/O failure (``OSError``, a remote store's client error) may pass; a condition
+    of the pipeline (`XraiError`: no committed case, a grid mismatch) or a bad value
+    will not, except a `DownloadError` marked ``retryable`` (timeouts, 5xx, truncation).
+    """
+    from pipeline.download.errors import DownloadError
+
+    if isinstance(exc, DownloadError):
+        return exc.retryable
+    return not isinstance(exc, (XraiError, ValueError, TypeError, KeyError, LookupError))
+
+
+def _retry_condition(task: Any, task_run: Any, state: Any) -> bool:
+    try:
+        exc = state.result(raise_on_failure=False)
+    except Exception as err:  # the state carries no readable exception
+        exc = err
+    return worth_retrying(exc if isinstance(exc, BaseException) else None)
+
+
+_STORAGE = {"retries": STORAGE_RETRIES,
+            "retry_delay_seconds": exponential_backoff(backoff_factor=2),
+            "retry_jitter_factor": 0.5, "retry_condition_fn": _retry_condition,
+            "cache_policy": NO_CACHE}
+_NETWORK = {"retries": NETWORK_RETRIES,
+            "retry_delay_seconds": exponential_backoff(backoff_factor=10),
+            "retry_jitter_factor": 0.5, "retry_condition_fn": _retry_condition,
+            "cache_policy": NO_CACHE}
+
+
+def run_logger() -> logging.Logger | logging.LoggerAdapter:
+    """Prefect's run logger inside a flow or task run, this module's logger outside one
+    (a task body called with ``.fn`` in tests)."""
+    from prefect.exceptions import MissingContextError
+
+    try:
+        return get_run_logger()
+    except MissingContextError:
+        return logging.getLogger(__name__)
+
+
+def task_runner(options: DaskOptions) -> Any:
+    """The Dask task runner for per-case work: `options.address`, else a local cluster.
+
+    The local cluster has `options.workers` single-threaded workers (processes unless
+    ``processes=False``) and its dashboard on a free loopback port.
+    """
+    from prefect_dask import DaskTaskRunner
+
+    if options.address:
+        return DaskTaskRunner(address=options.address)
+    return DaskTaskRunner(cluster_kwargs={
+        "n_workers": options.workers, "threads_per_worker": 1,
+        "processes": options.processes, "dashboard_address": "127.0.0.1:0",
+        "silence_logs": logging.ERROR})
+
+
+# ------------------------------------------------------------------ sources
+@task(**_STORAGE)
+def write_phantom_source(out_dir: str, cases: int, seed: int,
+                         shape: tuple[int, int, int]) -> str:
+    """Write the phantom dataset into `out_dir` unless it is there already; return it.
+
+    `write_phantom` is deterministic by seed, so an existing folder holding every case
+    is left as it is (its files, hence its content hashes, would not change).
+    """
+    from pipeline.sources.phantom import case_id, write_phantom
+
+    folder = Path(out_dir)
+    if all((folder / case_id(i)).is_dir() for i in range(cases)):
+        run_logger().info("phantom source %s already holds %d cases", folder, cases)
+        return str(folder)
+    write_phantom(folder, cases=cases, seed=seed, shape=shape)
+    return str(folder)
+
+
+@task(**_STORAGE)
+def discover_cases(source_dir: str, layout: str) -> tuple[str, list[CaseSource]]:
+    """`pipeline.sources.local.discover` on a folder; returns (layout used, cases)."""
+    from pipeline.sources.local import detect_layout, discover
+
+    chosen = detect_layout(Path(source_dir)) if layout == "auto" else layout
+    return chosen, discover(Path(source_dir), layout=chosen)  # type: ignore[arg-type]
+
+
+# ------------------------------------------------------------------ ingest
+@task(**_STORAGE)
+def prepare_store(store_url: str, dataset: str, grid: Grid, collection: str,
+                  case_ids: list[str]) -> dict[str, tuple[int, str | None]]:
+    """Create (or reopen) the dataset, give every case a slot (parent only).
+
+    Returns case id -> (slot, committed content hash or None).
+    """
+    store = DatasetStore.create(store_url, dataset, grid=grid, collection=collection)
+    slots = store.allocate(case_ids)
+    committed = {cid: rec.content_hash for cid, rec in store.committed().items()}
+    return {cid: (slots[cid], committed.get(cid)) for cid in case_ids}
+
+
+@task(task_run_name="ingest-{case.case_id}", **_STORAGE)
+def ingest_one(store_url: str, dataset: str, case: CaseSource, slot: int,
+               committed_hash: str | None, recompute: bool = False) -> CaseOutcome:
+    """`pipeline.ingest.ingest_case`: hash, skip if unchanged, standardize, commit."""
+    outcome = ingest_case(store_url, dataset, case, slot, committed_hash, recompute=recompute)
+    run_logger().info("%s: %s %s", outcome.case_id, outcome.status, outcome.reason)
+    return outcome
+
+
+@task(**_STORAGE)
+def quarantine_failed(store_url: str, dataset: str, case_id: str, reason: str) -> CaseOutcome:
+    """Record a case whose task failed after its retries (e.g. a worker died)."""
+    DatasetStore.open(store_url, dataset, writable=True).quarantine(case_id, reason)
+    return CaseOutcome(case_id, "quarantined", reason)
+
+
+# ------------------------------------------------------------------ statistics
+@task(**_STORAGE)
+def stats_plan(store_url: str, dataset: str) -> tuple[EngineConfig, dict[str, str]]:
+    """The engine configuration and committed case id -> content hash."""
+    from pipeline.stats_runner import engine_config
+
+    store = DatasetStore.open(store_url, dataset)
+    return engine_config(store), {cid: r.content_hash for cid, r in store.committed().items()}
+
+
+@task(task_run_name="stats-{case_id}", **_STORAGE)
+def case_stats(store_url: str, dataset: str, case_id: str, content_hash: str,
+               config: EngineConfig, recompute: bool = False) -> str:
+    """Persist one case's partial statistics unless the stored ones are current.
+
+    Returns ``"reused"`` (persisted partials with this content hash and engine
+    fingerprint exist) or ``"computed"`` (`pipeline.stats_runner.compute_case`).
+    """
+    from pipeline.stats_runner import compute_case, load_persisted
+
+    if not recompute:
+        cached = load_persisted(DatasetStore.open(store_url, dataset), case_id)
+        if (cached is not None and cached.content_hash == content_hash
+                and cached.config == config.fingerprint()):
+            return "reused"
+    compute_case(store_url, dataset, case_id, content_hash, config)
+    return "computed"
+
+
+@task(**_STORAGE)
+def merge_stats(store_url: str, dataset: str, out_path: str) -> DatasetStats:
+    """Merge the persisted partials (`run_stats`, nothing left to compute) and write them."""
+    from pipeline.stats_runner import run_stats, write_stats
+
+    stats = run_stats(store_url, dataset, scheduler="synchronous")
+    write_stats(stats, out_path)
+    return stats
+
+
+# ------------------------------------------------------------------ manifest
+@task(**_STORAGE)
+def read_manifest(path: str) -> Manifest | None:
+    """The manifest at `path`, or None when there is none (`ManifestError` if invalid)."""
+    return load_manifest(path) if Path(path).is_file() else None
+
+
+@task(cache_policy=NO_CACHE)
+def make_manifest(stats: DatasetStats, seed: int) -> Manifest:
+    """`stats.manifest.build_manifest` (pure: no retries)."""
+    return build_manifest(stats, seed=seed)
+
+
+@task(**_STORAGE)
+def save_manifest(manifest: Manifest, path: str) -> str:
+    """`stats.manifest.write_manifest` (atomic); returns the path."""
+    return str(write_manifest(manifest, path))
+
+
+# ------------------------------------------------------------------ training
+@task(**_STORAGE)
+def benchmark(manifest_path: str, store_url: str, dataset: str, out_dir: str,
+              options: TrainOptions) -> tuple[str, list[dict[str, Any]], dict[str, str]]:
+    """`pipeline.train.benchmark.run_benchmark` under the manifest's normalization.
+
+    Returns (summary markdown, summary rows, failures). With ``resume`` (the default)
+    a retry continues from the checkpoints already written.
+    """
+    from pipeline.train.benchmark import load_training_manifest, run_benchmark
+    from pipeline.train.data import SamplingConfig
+    from pipeline.train.loop import TrainConfig
+
+    store = DatasetStore.open(store_url, dataset)
+    _, spec, plan = load_training_manifest(manifest_path, store.channels)
+    if options.dim == "3d":
+        sampling = SamplingConfig(dim="3d", patch_size=tuple(options.patch_size or (64, 64, 64)))
+    else:
+        sampling = SamplingConfig(dim="2d")
+    cfg = TrainConfig(sampling=sampling, epochs=options.epochs, batch_size=options.batch_size,
+                      batches_per_epoch=options.batches_per_epoch, val_every=options.val_every,
+                      features=options.features, levels=options.levels,
+                      workers=options.workers, device=options.device, seed=options.seed)
+    result = run_benchmark(store_url, dataset, list(options.losses), plan=plan, cfg=cfg,
+                           folds=options.folds, out_dir=Path(out_dir), manifest_spec=spec,
+                           manifest_path=manifest_path, resume=options.resume)
+    return result.markdown(), result.summary, dict(result.failures)
+
+
+# ------------------------------------------------------------------ download
+def _http() -> Any:
+    from pipeline.download.http import HttpClient
+
+    return HttpClient(token=os.environ.get("XRAI_TCIA_TOKEN") or None)
+
+
+def _fetcher(source: DownloadSource) -> Any:
+    """The source's fetcher (`pipeline.download`), as ``xrai download`` builds it."""
+    if source.service == "nbia":
+        from pipeline.download.nbia import NbiaClient, NbiaFetcher
+
+        return NbiaFetcher(NbiaClient(_http(), source.base_url))
+    if source.service == "idc":
+        from pipeline.download.idc import IdcFetcher
+
+        return IdcFetcher(endpoint_url=source.s3_endpoint)
+    from pipeline.download.filelist import FileListFetcher
+
+    return FileListFetcher(_http())
+
+
+@task(**_NETWORK)
+def plan_download(source: DownloadSource) -> list[Any]:
+    """The plan's items (`plan_nbia`, `plan_idc` or `plan_filelist`)."""
+    if source.service == "nbia":
+        from pipeline.download.nbia import NbiaClient, plan_nbia
+
+        plan = plan_nbia(NbiaClient(_http(), source.base_url), source.collection,
+                         patients=source.patients, modality=source.modality,
+                         limit=source.limit)
+    elif source.service == "idc":
+        from pipeline.download.idc import plan_idc
+
+        plan = plan_idc(source.collection, patients=source.patients,
+                        modality=source.modality, limit=source.limit)
+    else:
+        from pipeline.download.filelist import plan_filelist
+
+        plan = plan_filelist(source.collection, source.file_list or "", http=_http(),
+                             base_url=source.base_url, patients=source.patients,
+                             limit=source.limit)
+    run_logger().info("download plan: %s", plan.describe())
+    return list(plan.items)
+
+
+@task(task_run_name="download-{item.key}", **_NETWORK)
+def download_item(source: DownloadSource, item: Any) -> Any:
+    """Fetch one item unless complete (`run_plan` on it); raise on failure so that
+    Prefect retries it with backoff."""
+    from pipeline.download.errors import DownloadError
+    from pipeline.download.plan import run_plan
+
+    dest = Path(source.dest)
+    dest.mkdir(parents=True, exist_ok=True)
+    outcome = run_plan([item], _fetcher(source), dest).outcomes[0]
+    if outcome.status == "failed":
+        raise DownloadError(item.label, outcome.reason, retryable=True)
+    return outcome

@@ -1,0 +1,92 @@
+"""Task bodies called directly (``task.fn``): no Prefect server."""
+
+from __future__ import annotations
+
+import shutil
+from pathlib import Path
+
+import pytest
+
+from flows.config import DaskOptions
+from flows.tasks import (
+    case_stats,
+    discover_cases,
+    ingest_one,
+    prepare_store,
+    task_runner,
+    worth_retrying,
+    write_phantom_source,
+)
+from pipeline.download.errors import ChecksumError, DownloadError
+from pipeline.errors import StoreError
+from pipeline.store import DatasetStore, Grid
+
+from .conftest import CASES, SHAPE, PlainRun
+
+
+@pytest.mark.parametrize(("exc", "retry"), [
+    (OSError("disk"), True), (TimeoutError("slow"), True), (RuntimeError("s3"), True),
+    (StoreError("no committed case"), False), (ValueError("bad"), False),
+    (DownloadError("s", "reset", retryable=True), True),
+    (DownloadError("s", "403", retryable=False), False),
+    (ChecksumError("f", "sha256 differs"), True),  # a mismatch in transit may pass
+])
+def test_only_io_failures_are_retried(exc: BaseException, retry: bool) -> None:
+    assert worth_retrying(exc) is retry
+
+
+def test_task_runner_local_or_address() -> None:
+    local = task_runner(DaskOptions(workers=3, processes=False))
+    assert local.address is None
+    assert local.cluster_kwargs["n_workers"] == 3
+    assert local.cluster_kwargs["processes"] is False
+    remote = task_runner(DaskOptions(address="tcp://127.0.0.1:8786"))
+    assert remote.address == "tcp://127.0.0.1:8786"
+
+
+def test_phantom_source_is_written_once(tmp_path: Path) -> None:
+    folder = write_phantom_source.fn(str(tmp_path / "p"), 2, 0, SHAPE)
+    first = Path(folder, "XRAI-PHANTOM-00001-000", "XRAI-PHANTOM-00001-000-seg.nii.gz")
+    mtime = first.stat().st_mtime_ns
+    assert write_phantom_source.fn(folder, 2, 0, SHAPE) == folder
+    assert first.stat().st_mtime_ns == mtime
+
+
+def test_ingest_then_stats_are_keyed_by_content(tmp_path: Path, phantom_source: Path) -> None:
+    layout, cases = discover_cases.fn(str(phantom_source), "auto")
+    assert layout == "brats"
+    assert len(cases) == CASES + 1
+    store = str(tmp_path / "s.zarr")
+    case = cases[0]
+    slots = prepare_store.fn(store, "t", Grid(shape=SHAPE), layout, [case.case_id])
+    slot, committed = slots[case.case_id]
+    assert committed is None
+    assert ingest_one.fn(store, "t", case, slot, committed).status == "ingested"
+    content_hash = DatasetStore.open(store, "t").committed()[case.case_id].content_hash
+    assert ingest_one.fn(store, "t", case, slot, content_hash).status == "unchanged"
+    assert ingest_one.fn(store, "t", case, slot, content_hash,
+                         recompute=True).status == "ingested"
+
+    from pipeline.stats_runner import engine_config
+
+    config = engine_config(DatasetStore.open(store, "t"))
+    assert case_stats.fn(store, "t", case.case_id, content_hash, config) == "computed"
+    assert case_stats.fn(store, "t", case.case_id, content_hash, config) == "reused"
+    assert case_stats.fn(store, "t", case.case_id, content_hash, config,
+                         recompute=True) == "computed"
+    assert case_stats.fn(store, "t", case.case_id, "0" * 64, config) == "computed"
+
+
+def test_prepare_store_keeps_slots_and_reports_committed(tmp_path: Path,
+                                                        plain_run: PlainRun) -> None:
+    store = str(tmp_path / "copy.zarr")
+    shutil.copytree(plain_run.store_url, store)
+    committed = DatasetStore.open(store, plain_run.dataset).committed()
+    slots = prepare_store.fn(store, plain_run.dataset, Grid(shape=SHAPE), "brats",
+                             [*committed, "XRAI-NEW-1"])
+    for cid, rec in committed.items():
+        assert slots[cid] == (rec.slot, rec.content_hash)
+    assert slots["XRAI-NEW-1"] == (len(committed) + 1, None)  # after the quarantined case
+    with pytest.raises(StoreError, match=r"was created with grid"):
+        prepare_store.fn(store, plain_run.dataset, Grid(shape=(48, 48, 32)), "brats",
+                         list(committed))
