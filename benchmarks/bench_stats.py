@@ -3,7 +3,8 @@
     make bench-stats        # or: .venv/bin/python -m benchmarks.bench_stats
 
 On a cached store of 16 phantom cases of 4x240x240x155 (generated once under
-.bench/stats), on one Dask LocalCluster (2 worker processes, 1 thread each), it prints:
+.bench/stats), on one Dask LocalCluster (2 worker processes, 1 thread each, the engine's
+own `local_cluster`), after a warm-up run, it prints:
 
 - floor: reading every chunk of the cases (image, label, brain) and discarding it;
 - ours: `run_stats(recompute=True)`: per case x channel x region (6 regions) exact
@@ -21,7 +22,6 @@ from __future__ import annotations
 
 import argparse
 import json
-import resource
 import subprocess
 import sys
 import time
@@ -64,11 +64,11 @@ def _read_case(url: str, dataset: str, case_id: str) -> int:
 
 
 def _peak_rss_mb(url: str, dataset: str) -> float:
+    # VmHWM of a fresh process (ru_maxrss would carry the parent's peak across exec)
     code = (
-        "import resource, sys\n"
         "from pipeline.stats_runner import run_stats\n"
         f"run_stats({url!r}, {dataset!r}, scheduler='synchronous', recompute=True)\n"
-        "print(resource.getrusage(resource.RUSAGE_SELF).ru_maxrss)\n"
+        "print([l for l in open('/proc/self/status') if l.startswith('VmHWM')][0].split()[1])\n"
     )
     out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True)
     return int(out.stdout.strip().splitlines()[-1]) / 1024.0
@@ -88,10 +88,10 @@ def main() -> None:
     import dask.array.stats as dstats
     import scipy.stats
     import zarr
-    from distributed import Client, LocalCluster
+    from distributed import Client
 
     from pipeline.ingest import ingest_cases
-    from pipeline.stats_runner import run_stats
+    from pipeline.stats_runner import local_cluster, run_stats
     from pipeline.store import DatasetStore
 
     store = DatasetStore.open(url, "bench16")
@@ -99,9 +99,9 @@ def main() -> None:
     voxels = len(ids) * 4 * int(np.prod(GRID_SHAPE))
     print(f"store: {len(ids)} cases x 4 channels x 240x240x155 = {voxels / 1e6:.0f} Mvox of image")
     results: dict[str, float] = {}
-    with LocalCluster(n_workers=2, threads_per_worker=1, processes=True,
-                      dashboard_address=None) as cluster, Client(cluster) as client:
-        client.run(lambda: __import__("os").environ.update(OMP_NUM_THREADS="1"))
+    with local_cluster(2) as cluster, Client(cluster) as client:
+        # warm-up (imports, zarr and numpy start-up in the workers) outside the timings
+        run_stats(url, "bench8", scheduler=cluster.scheduler_address, recompute=True)
         t0 = time.perf_counter()
         client.gather(client.map(_read_case, [url] * len(ids), ["bench16"] * len(ids), ids,
                                  pure=False))
@@ -156,7 +156,6 @@ def main() -> None:
     print(f"peak memory of the engine (synchronous, one process): 8 cases {rss8:.0f} MiB, "
           f"16 cases {rss16:.0f} MiB (ratio {rss16 / rss8:.2f})")
     print(json.dumps({k: round(v, 3) for k, v in results.items()}))
-    print(f"this process max RSS: {resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024:.0f} MiB")
 
 
 if __name__ == "__main__":

@@ -1,7 +1,7 @@
 """The ``manifest`` flow: transforms and the loss configuration, decided from the statistics.
 
 Builds the manifest (`stats.manifest.build_manifest`), compares its decisions with the
-manifest already at `out_path` (`flows.decisions.decision_changes`) and writes it
+manifest already at `out_path` (`stats.manifest.decision_changes`) and writes it
 (always, or with ``only_if_changed`` only when a decision changed or there was none).
 Publishes the chosen transforms with their evidence and the loss configuration with
 its reasons.
@@ -13,9 +13,9 @@ from prefect import flow, get_run_logger
 from pydantic import BaseModel, ConfigDict
 
 from flows.artifacts import loss_markdown, publish_markdown, transforms_markdown
-from flows.decisions import decision_changes
 from flows.tasks import make_manifest, read_manifest, save_manifest
 from pipeline.stats_runner import read_stats
+from stats.manifest import decision_changes
 
 
 class ManifestResult(BaseModel):

@@ -174,13 +174,11 @@ def case_stats(store_url: str, dataset: str, case_id: str, content_hash: str,
     Returns ``"reused"`` (persisted partials with this content hash and engine
     fingerprint exist) or ``"computed"`` (`pipeline.stats_runner.compute_case`).
     """
-    from pipeline.stats_runner import compute_case, load_persisted
+    from pipeline.stats_runner import compute_case, persisted_is_current
 
-    if not recompute:
-        cached = load_persisted(DatasetStore.open(store_url, dataset), case_id)
-        if (cached is not None and cached.content_hash == content_hash
-                and cached.config == config.fingerprint()):
-            return "reused"
+    if not recompute and persisted_is_current(DatasetStore.open(store_url, dataset), case_id,
+                                              content_hash, config.fingerprint()):
+        return "reused"
     compute_case(store_url, dataset, case_id, content_hash, config)
     return "computed"
 

@@ -97,7 +97,11 @@ def read_case(case: CaseSource) -> tuple[dict[str, Loaded], Loaded | None]:
 def ingest_case(store_url: str, dataset: str, case: CaseSource, slot: int,
                 committed_hash: str | None, *, recompute: bool = False,
                 storage_options: Mapping[str, Any] | None = None) -> CaseOutcome:
-    """Do all the work for one case; never raises for bad data (quarantines instead)."""
+    """Do all the work for one case; never raises for bad data (quarantines instead).
+
+    A case quarantined earlier with the same content hash is reported again from its
+    quarantine record without re-reading its volumes (``recompute`` re-reads it).
+    """
     t0 = time.perf_counter()
     store = DatasetStore.open(store_url, dataset, writable=True, storage_options=storage_options)
     cid = case.case_id
@@ -117,6 +121,10 @@ def ingest_case(store_url: str, dataset: str, case: CaseSource, slot: int,
         return reject(f"cannot read source file: {err}", getattr(err, "filename", None))
     if committed_hash == content_hash and not recompute:
         return CaseOutcome(cid, "unchanged", seconds=time.perf_counter() - t0)
+    earlier = store.quarantined().get(cid)
+    if earlier is not None and earlier.get("content_hash") == content_hash and not recompute:
+        return CaseOutcome(cid, "quarantined", str(earlier["reason"]), earlier.get("path"),
+                           time.perf_counter() - t0)
     try:
         images, label = read_case(case)
         std = standardize_case(cid, images, label, grid=store.grid, channels=store.channels,

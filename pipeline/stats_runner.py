@@ -87,6 +87,19 @@ def load_persisted(store: DatasetStore, case_id: str) -> CasePartials | None:
         return None
 
 
+def persisted_is_current(store: DatasetStore, case_id: str, content_hash: str,
+                         fingerprint: str) -> bool:
+    """Whether the persisted partials of a case match its content and the engine.
+
+    Reads only the attributes of the persisted array, not the partials themselves.
+    """
+    group = store.group.get(_STATS)
+    if group is None or case_id not in group:
+        return False
+    attrs = group[case_id].attrs
+    return attrs.get("content_hash") == content_hash and attrs.get("config") == fingerprint
+
+
 def persist(store: DatasetStore, partials: CasePartials) -> None:
     """Write a case's partials (one atomic array write, then its attributes)."""
     blob = np.frombuffer(zlib.compress(json.dumps(partials.to_dict()).encode(), 6), dtype=np.uint8)
@@ -109,6 +122,28 @@ def compute_case(store_url: str, dataset: str, case_id: str, content_hash: str,
     return partials
 
 
+def local_cluster(n_workers: int | None = None):
+    """A local Dask cluster for the engine: worker processes with one thread each.
+
+    Dask's nanny sets ``MALLOC_TRIM_THRESHOLD_`` in its workers, which freezes glibc's
+    mmap threshold at 128 KiB: every block-sized temporary of the kernel is then mapped
+    and unmapped, page faults included, and the engine ran about 2x slower than in a
+    plain process (seen with ``make bench-stats``). Raising the mmap threshold back to
+    32 MiB keeps those temporaries on the heap.
+    """
+    import os
+
+    import dask
+    from distributed import LocalCluster
+
+    workers = n_workers or min(2, os.cpu_count() or 1)
+    with dask.config.set({
+        "distributed.nanny.pre-spawn-environ.MALLOC_MMAP_THRESHOLD_": str(32 * 2**20),
+    }):
+        return LocalCluster(n_workers=workers, threads_per_worker=1, processes=True,
+                            dashboard_address=None, silence_logs=logging.ERROR)
+
+
 def _run_tasks(jobs: list[tuple], scheduler: str | None,
                on_done: Callable[[str], None] | None) -> list[CasePartials]:
     if not jobs:
@@ -121,16 +156,13 @@ def _run_tasks(jobs: list[tuple], scheduler: str | None,
                 on_done(job[2])
         return out
     import contextlib
-    import os
 
-    from distributed import Client, LocalCluster, as_completed
+    from distributed import Client, as_completed
 
     logging.getLogger("distributed").setLevel(logging.ERROR)
     with contextlib.ExitStack() as stack:
         if scheduler is None:
-            cluster = stack.enter_context(LocalCluster(
-                n_workers=min(2, os.cpu_count() or 1), threads_per_worker=1, processes=True,
-                dashboard_address=None, silence_logs=logging.ERROR))
+            cluster = stack.enter_context(local_cluster())
             client = stack.enter_context(Client(cluster))
         else:
             client = stack.enter_context(Client(scheduler))
@@ -173,9 +205,10 @@ def run_stats(store_url: str, dataset: str, *, scheduler: str | None = None,
     reused: list[CasePartials] = []
     jobs = []
     for cid, rec in records.items():
-        cached = None if recompute else load_persisted(store, cid)
-        if cached is not None and cached.content_hash == rec.content_hash \
-                and cached.config == fingerprint:
+        current = not recompute and persisted_is_current(store, cid, rec.content_hash,
+                                                         fingerprint)
+        cached = load_persisted(store, cid) if current else None
+        if cached is not None:
             reused.append(cached)
         else:
             jobs.append((store_url, dataset, cid, rec.content_hash, config,

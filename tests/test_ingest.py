@@ -147,6 +147,22 @@ class TestQuarantine:
         assert set(store.quarantined()) == {bad[0].case_id}
         assert len(store.committed()) == 3
 
+    def test_unchanged_broken_case_is_not_read_again(self, phantom_dir, tmp_path, monkeypatch):
+        src = _copy(phantom_dir, tmp_path / "src")
+        _file(src, 2, "t1n").write_bytes(b"not a nifti")
+        url = str(tmp_path / "s.zarr")
+        first = ingest(src, url, "ds", grid=GRID).by_status("quarantined")
+
+        def no_read(case):
+            raise AssertionError(f"{case.case_id} was read again")
+
+        monkeypatch.setattr("pipeline.ingest.read_case", no_read)
+        again = ingest(src, url, "ds", grid=GRID)
+        assert again.by_status("quarantined") == [
+            type(first[0])(first[0].case_id, "quarantined", first[0].reason, first[0].path,
+                           again.by_status("quarantined")[0].seconds)]
+        assert len(again.by_status("unchanged")) == 3
+
     def test_a_repaired_case_leaves_quarantine(self, phantom_dir, tmp_path):
         src = _copy(phantom_dir, tmp_path / "src")
         p = _file(src, 0, "t1n")

@@ -73,7 +73,7 @@ def train(
     ] = 1e-3,
     val_every: Annotated[int, typer.Option(min=1, help="Validate every m epochs.")] = 5,
     features: Annotated[int, typer.Option(min=1, help="U-Net features at level 1.")] = 16,
-    levels: Annotated[int, typer.Option(min=2, help="U-Net resolution levels.")] = 3,
+    levels: Annotated[int, typer.Option(min=3, help="U-Net resolution levels.")] = 3,
     patch_size: Annotated[tuple[int, int, int] | None, typer.Option(
         help="3d patch Z Y X (default 64 64 64); ignored in 2d.")] = None,
     fg_fraction: Annotated[float, typer.Option(

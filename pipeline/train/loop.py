@@ -116,8 +116,8 @@ class TrainConfig:
             v = getattr(self, name)
             if isinstance(v, bool) or not isinstance(v, int) or v < 1:
                 raise ValueError(f"{name} must be an int >= 1, got {v!r}")
-        if self.levels < 2:
-            raise ValueError(f"levels must be >= 2, got {self.levels!r}")
+        if self.levels < 3:  # MONAI's DynUNet needs at least three resolution levels
+            raise ValueError(f"levels must be >= 3, got {self.levels!r}")
         if self.workers < 0 or self.n_overlays < 0:
             raise ValueError(f"workers and n_overlays must be >= 0, got {self.workers!r}, "
                              f"{self.n_overlays!r}")

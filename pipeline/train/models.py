@@ -69,7 +69,7 @@ class SegmentationUNet(nn.Module):
         if dim not in ("2d", "3d"):
             raise ValueError(f"dim must be '2d' or '3d', got {dim!r}")
         for name, value, low in (("in_channels", in_channels, 1), ("out_channels", out_channels, 1),
-                                 ("features", features, 1), ("levels", levels, 2),
+                                 ("features", features, 1), ("levels", levels, 3),  # DynUNet needs >= 3
                                  ("max_features", max_features, 1)):
             if isinstance(value, bool) or not isinstance(value, int) or value < low:
                 raise ValueError(f"{name} must be an int >= {low}, got {value!r}")

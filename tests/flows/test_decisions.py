@@ -1,10 +1,10 @@
-"""Which manifest decisions changed (flows.decisions); plain functions, no server."""
+"""Which manifest decisions changed (stats.manifest.decision_changes); no server."""
 
 from __future__ import annotations
 
 import math
 
-from flows.decisions import decision_changes
+from stats.manifest import decision_changes
 
 from .conftest import PlainRun
 

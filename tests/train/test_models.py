@@ -53,7 +53,7 @@ def test_gradients_reach_the_first_layer() -> None:
 def test_bad_arguments_are_refused() -> None:
     with pytest.raises(ValueError, match=r"dim must be '2d' or '3d', got '4d'"):
         build_unet("4d", 1, 1)  # type: ignore[arg-type]
-    with pytest.raises(ValueError, match=r"levels must be an int >= 2, got 1"):
+    with pytest.raises(ValueError, match=r"levels must be an int >= 3, got 1"):
         build_unet("2d", 1, 1, levels=1)
     model = build_unet("2d", 4, 1, features=4)
     with pytest.raises(ValueError, match=r"2d U-Net expects input \(N, 4, \*, \*\), got shape \(1, 3, 8, 8\)"):
