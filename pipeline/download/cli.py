@@ -42,10 +42,11 @@ from pipeline.download.plan import (
 )
 from pipeline.errors import XraiError
 
-__all__ = ["EXIT_NOTHING", "EXIT_OK", "EXIT_PARTIAL", "TOKEN_ENV", "Source", "download"]
+__all__ = ["EXIT_NOTHING", "EXIT_OK", "EXIT_PARTIAL", "EXIT_USAGE", "TOKEN_ENV", "Source", "download"]
 
 TOKEN_ENV = "XRAI_TCIA_TOKEN"
-EXIT_OK, EXIT_PARTIAL, EXIT_NOTHING = 0, 1, 2
+# The same codes as `xrai ingest`: 0 ok, 3 partial, 1 nothing usable, 2 usage error.
+EXIT_OK, EXIT_NOTHING, EXIT_USAGE, EXIT_PARTIAL = 0, 1, 2, 3
 
 
 class Source(str, enum.Enum):
@@ -162,25 +163,25 @@ def download(
     fetched again (file lists resume with HTTP Range). A bearer token for a mirror that
     needs one is read from $XRAI_TCIA_TOKEN and never printed.
 
-    Exit codes: 0 all downloaded or already complete (or --dry-run); 1 some failed, the
-    rest usable; 2 nothing usable, usage error, unknown or controlled-access collection,
-    or too little disk space.
+    Exit codes (as `xrai ingest`): 0 all downloaded or already complete (or --dry-run);
+    3 some failed, the rest usable; 1 nothing usable, an unknown or controlled-access
+    collection, or too little disk space; 2 usage error.
     """
     out = Console(highlight=False, width=None if sys.stdout.isatty() else 120)
     err = Console(stderr=True, highlight=False, soft_wrap=True)
     token = os.environ.get(TOKEN_ENV) or None
 
-    def fail(message: str) -> None:
+    def fail(message: str, code: int = EXIT_NOTHING) -> None:
         err.print(f"error: {redact(message, (token,))}", markup=False, soft_wrap=True)
-        raise typer.Exit(EXIT_NOTHING)
+        raise typer.Exit(code)
 
     patients_, modality_ = _split(patients), _split(modality)
     if source is Source.http and file_list is None:
-        fail("--source http needs --file-list (a CSV or sha256sum list of the files)")
+        fail("--source http needs --file-list (a CSV or sha256sum list of the files)", EXIT_USAGE)
     if source is Source.http and modality_:
-        fail("--modality applies to DICOM sources (nbia, idc), not to file lists")
+        fail("--modality applies to DICOM sources (nbia, idc), not to file lists", EXIT_USAGE)
     if source is not Source.http and file_list is not None:
-        fail(f"--file-list applies to --source http, not {source.value}")
+        fail(f"--file-list applies to --source http, not {source.value}", EXIT_USAGE)
 
     policy = RetryPolicy(max_attempts=retries, base_delay=backoff, max_delay=max_wait,
                          max_retry_after=max_wait)

@@ -276,8 +276,9 @@ class Outcome:
 class Summary:
     """The outcomes of a run.
 
-    ``exit_code``: 0 when nothing failed, 1 when some items failed but others are usable
-    (downloaded or skipped as complete), 2 when nothing usable came out.
+    ``exit_code`` (the convention of ``xrai ingest``): 0 when nothing failed, 3 when some
+    items failed but others are usable (downloaded or skipped as complete), 1 when
+    nothing usable came out.
     """
 
     outcomes: tuple[Outcome, ...] = field(default_factory=tuple)
@@ -288,11 +289,11 @@ class Summary:
 
     @property
     def exit_code(self) -> int:
-        """0 all ok, 1 partial, 2 nothing usable."""
+        """0 all ok, 3 partial, 1 nothing usable."""
         failed = len(self.of("failed"))
         if failed == 0 and self.outcomes:
             return 0
-        return 1 if failed < len(self.outcomes) else 2
+        return 3 if failed < len(self.outcomes) else 1
 
 
 class Reporter(Protocol):

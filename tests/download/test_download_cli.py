@@ -59,26 +59,26 @@ def test_download_then_rerun_skips(app, nbia: FakeNbia, archive: list[FakeSeries
     assert "skipped" in second.output
 
 
-def test_partial_failure_exits_1_and_names_the_series(app, nbia: FakeNbia,
+def test_partial_failure_exits_3_and_names_the_series(app, nbia: FakeNbia,
                                                       archive: list[FakeSeries],
                                                       tmp_path: Path) -> None:
     nbia.fault("getImage", "500", "500", "500")
     result = run(app, "UPENN-GBM", "--dest", str(tmp_path), "--base-url", nbia.api, *FAST)
-    assert result.exit_code == 1
+    assert result.exit_code == 3
     assert archive[0].uid in result.output
     assert "HTTP 500" in result.output
 
 
-def test_everything_failing_exits_2(app, nbia: FakeNbia, tmp_path: Path) -> None:
+def test_everything_failing_exits_1(app, nbia: FakeNbia, tmp_path: Path) -> None:
     nbia.fault("getImage", *["500"] * 12)
     result = run(app, "UPENN-GBM", "--dest", str(tmp_path), "--base-url", nbia.api, *FAST)
-    assert result.exit_code == 2
+    assert result.exit_code == 1
 
 
 def test_controlled_access_is_a_message_not_a_traceback(app, nbia: FakeNbia,
                                                         tmp_path: Path) -> None:
     result = run(app, "LGG-1p19qDeletion", "--dest", str(tmp_path), "--base-url", nbia.api)
-    assert result.exit_code == 2
+    assert result.exit_code == 1
     assert "controlled-access" in result.output
     assert "xrai ingest" in result.output
     assert "Traceback" not in result.output
@@ -95,8 +95,8 @@ def test_token_never_appears_even_on_failure(app, archive: list[FakeSeries], tmp
                  *FAST, env={"XRAI_TCIA_TOKEN": secret})
         refused = run(app, "UPENN-GBM", "--dest", str(tmp_path / "b"), "--base-url",
                       server.api, *FAST, env={"XRAI_TCIA_TOKEN": secret + "-old"})
-    assert ok.exit_code == 1
-    assert refused.exit_code == 2
+    assert ok.exit_code == 3
+    assert refused.exit_code == 1
     assert "XRAI_TCIA_TOKEN was refused" in refused.output
     for text in (ok.output, refused.output, caplog.text):
         assert secret not in text
@@ -124,6 +124,6 @@ def test_too_little_disk_space_stops_before_downloading(app, nbia: FakeNbia, tmp
     usage = namedtuple("usage", "total used free")
     monkeypatch.setattr(shutil, "disk_usage", lambda _p: usage(10, 10, 1000))
     result = run(app, "UPENN-GBM", "--dest", str(tmp_path), "--base-url", nbia.api)
-    assert result.exit_code == 2
+    assert result.exit_code == 1
     assert "1000 B free, the plan needs" in result.output
     assert not [p for p, _, _ in nbia.log if p.endswith("getImage")]

@@ -81,7 +81,7 @@ class TestDownload:
         first = next(iter(FILES))
         server.fault(first, *["drop"] * 4)  # the whole run's attempts for this file
         plan = plan_filelist("UCSF-PDGM", f"{server.url}/list.csv", http=http, limit=1)
-        assert run_plan(plan, FileListFetcher(http), tmp_path).exit_code == 1
+        assert run_plan(plan, FileListFetcher(http), tmp_path).exit_code == 3
         assert not (tmp_path / first).exists()
         again = run_plan(plan, FileListFetcher(http), tmp_path)
         assert [o.status for o in again.outcomes] == ["downloaded", "skipped"]
@@ -114,7 +114,7 @@ class TestDownload:
         assert [o.item.key for o in failed] == [next(iter(FILES))]
         assert "sha256 is" in failed[0].reason
         assert "0" * 64 in failed[0].reason
-        assert summary.exit_code == 1
+        assert summary.exit_code == 3
 
     def test_patients_filter(self, server: FakeFileServer, http: HttpClient) -> None:
         plan = plan_filelist("UCSF-PDGM", f"{server.url}/list.csv", http=http,

@@ -146,7 +146,7 @@ class TestDownload:
         assert [o.item.key for o in failed] == [archive[0].uid]
         assert "gave up after 4 attempts (retry cap 4)" in failed[0].reason
         assert "HTTP 500" in failed[0].reason
-        assert summary.exit_code == 1
+        assert summary.exit_code == 3  # partial: the other series are usable
         assert not (tmp_path / archive[0].patient / archive[0].uid).exists()
 
     def test_malicious_zip_writes_nothing_outside(self, nbia: FakeNbia, http: HttpClient,
@@ -179,7 +179,7 @@ class TestToken:
             summary = run_plan(plan_nbia(client, "UPENN-GBM"), NbiaFetcher(client), tmp_path)
             sent = [h.get("Authorization") for _, _, h in server.log]
         assert set(sent) == {f"Bearer {secret}"}
-        assert summary.exit_code == 1
+        assert summary.exit_code == 3
         assert secret not in caplog.text
         assert all(secret not in o.reason for o in summary.outcomes)
         assert secret not in repr(http)
