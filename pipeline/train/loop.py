@@ -370,8 +370,11 @@ class FoldResult:
 
 
 def _loader(ds: Any, *, batch_size: int | None, workers: int, device: torch.device) -> DataLoader:
+    # Workers start from a fork server, not a fork of this process: zarr's event-loop
+    # thread (and Prefect's, inside a flow) do not survive a plain fork.
     return DataLoader(ds, batch_size=batch_size, num_workers=workers,
-                      pin_memory=device.type == "cuda", persistent_workers=False)
+                      pin_memory=device.type == "cuda", persistent_workers=False,
+                      multiprocessing_context="forkserver" if workers > 0 else None)
 
 
 def _mean(values: list[Sequence[float]]) -> list[float]:

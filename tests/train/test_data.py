@@ -67,7 +67,8 @@ NO_AUG = {"flip_prob": 0.0, "noise_prob": 0.0}
 
 
 def draw_all(ds: TrainSamples, workers: int = 0, batch_size: int = 4) -> list[dict]:
-    return list(DataLoader(ds, batch_size=batch_size, num_workers=workers))
+    return list(DataLoader(ds, batch_size=batch_size, num_workers=workers,
+                           multiprocessing_context="forkserver" if workers else None))
 
 
 class TestTargets:
