@@ -80,6 +80,34 @@ class TestIncremental:
         assert len(spacings) >= 2, spacings
 
 
+def test_label_stored_in_another_orientation_ends_exactly_on_the_tumour(phantom_dir, tmp_path):
+    """Issue 2: the segmentation file stored with flipped axes (and the affine saying so)."""
+    src = _copy(phantom_dir, tmp_path / "src")
+    seg = _file(src, 0, "seg")
+    img = nib.load(seg)
+    data = np.asarray(img.dataobj)
+    flip = np.eye(4)
+    for axis in (0, 2):  # reverse x and z in storage; the affine keeps world positions
+        flip[axis, axis] = -1.0
+        flip[axis, 3] = data.shape[axis] - 1
+    flipped = nib.Nifti1Image(np.ascontiguousarray(data[::-1, :, ::-1]), img.affine @ flip)
+    assert nib.aff2axcodes(flipped.affine) != nib.aff2axcodes(img.affine)
+    nib.save(flipped, seg)
+    ours, ref = str(tmp_path / "ours.zarr"), str(tmp_path / "ref.zarr")
+    # case 0 is stored at 1 mm: on a 1 mm grid every target voxel is a source voxel, so
+    # nearest-neighbour sampling has no half-way ties and the result must be exact
+    grid = Grid(spacing=(1.0, 1.0, 1.0), shape=(56, 56, 40))
+    assert ingest(src, ours, "ds", grid=grid).exit_code == 0
+    assert ingest(phantom_dir, ref, "ds", grid=grid).exit_code == 0
+    cid = seg.parent.name
+    got = DatasetStore.open(ours, "ds").read_case(cid)
+    want = DatasetStore.open(ref, "ds").read_case(cid)
+    assert int((want["label"] > 0).sum()) > 0
+    np.testing.assert_array_equal(got["label"], want["label"])
+    rec = DatasetStore.open(ours, "ds").committed()[cid].attrs
+    assert "label-resampled-from-other-geometry" in rec["flags"]
+
+
 class TestQuarantine:
     """Every kind of bad input is quarantined with file and value; the rest is ingested."""
 
