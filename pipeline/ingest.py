@@ -28,6 +28,7 @@ from datetime import datetime, timezone
 from pathlib import Path
 from typing import Any, Literal
 
+from pipeline import code_version
 from pipeline.errors import CaseRejected, VolumeError, XraiError
 from pipeline.sources.base import CHANNELS, CaseSource
 from pipeline.standardize import Loaded, standardize_case
@@ -68,14 +69,6 @@ class IngestReport:
             return 1
         return 3 if bad else 0
 
-
-def _version() -> str:
-    try:
-        from importlib.metadata import version
-
-        return version("xrai-pipeline")
-    except Exception:  # pragma: no cover - not installed as a distribution
-        return "unknown"
 
 
 def read_case(case: CaseSource) -> tuple[dict[str, Loaded], Loaded | None]:
@@ -146,7 +139,7 @@ def ingest_case(store_url: str, dataset: str, case: CaseSource, slot: int,
         "flags": list(case.flags) + list(std.info.pop("flags", [])),
         **std.info,
         "ingested_at": datetime.now(timezone.utc).isoformat(timespec="seconds"),
-        "code_version": _version(),
+        "code_version": code_version(),
     }
     store.commit(cid, slot, content_hash, record)
     return CaseOutcome(cid, "ingested", seconds=time.perf_counter() - t0)

@@ -25,6 +25,7 @@ from typing import Any
 
 import numpy as np
 
+from pipeline import code_version
 from pipeline.errors import StoreError
 from pipeline.store import DatasetStore
 from stats.dataset import (
@@ -43,14 +44,6 @@ from stats.summary import DatasetStats
 log = logging.getLogger(__name__)
 _STATS = "_xrai/stats"
 
-
-def _version() -> str:
-    try:
-        from importlib.metadata import version
-
-        return version("xrai-pipeline")
-    except Exception:  # pragma: no cover
-        return "unknown"
 
 
 def engine_config(store: DatasetStore, *, bins: int = DEFAULT_BINS) -> EngineConfig:
@@ -234,7 +227,7 @@ def run_stats(store_url: str, dataset: str, *, scheduler: str | None = None,
         class_frequencies=class_frequencies(cases),
         per_case={c.case_id: c.labels for c in cases},
         created_at=datetime.now(timezone.utc).isoformat(timespec="seconds"),
-        code_version=_version(),
+        code_version=code_version(),
         histogram_bins=bins,
     )
 
