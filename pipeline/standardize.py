@@ -248,17 +248,22 @@ def standardize_case(
     ref = images[ref_name]
     arrays = {name: _check_intensities(case_id, name, images[name]) for name in channels}
     flags: list[str] = []
+
+    def check_geometry(vol: Loaded, what: str, against: str, flag: str) -> None:
+        """Same space as the reference channel; else it must overlap it (then flagged)."""
+        if same_space(ref.image, vol.image):
+            return
+        if overlap_fraction(ref.image, vol.image) <= 0.0:
+            raise CaseRejected(
+                case_id,
+                f"{vol.path}: {what} does not overlap {against} ({ref.path}) in physical "
+                f"space: {_bounds_text(vol.image)} vs {_bounds_text(ref.image)}",
+                vol.path,
+            )
+        flags.append(f"{flag}-resampled-from-other-geometry")
+
     for name in channels[1:]:
-        vol = images[name]
-        if not same_space(ref.image, vol.image):
-            if overlap_fraction(ref.image, vol.image) <= 0.0:
-                raise CaseRejected(
-                    case_id,
-                    f"{vol.path}: channel {name} does not overlap {ref_name} ({ref.path}) in "
-                    f"physical space: {_bounds_text(vol.image)} vs {_bounds_text(ref.image)}",
-                    vol.path,
-                )
-            flags.append(f"{name}-resampled-from-other-geometry")
+        check_geometry(images[name], f"channel {name}", ref_name, name)
 
     target = target_reference(grid, _brain_centre(case_id, ref, arrays[ref_name]), ref.image)
     out = np.empty((len(channels), *grid.zyx), dtype=np.float32)
@@ -275,15 +280,7 @@ def standardize_case(
         annotated[:] = False
         info["label"] = None
     else:
-        if not same_space(ref.image, label.image):
-            if overlap_fraction(ref.image, label.image) <= 0.0:
-                raise CaseRejected(
-                    case_id,
-                    f"{label.path}: label does not overlap the images ({ref.path}) in physical "
-                    f"space: {_bounds_text(label.image)} vs {_bounds_text(ref.image)}",
-                    label.path,
-                )
-            flags.append("label-resampled-from-other-geometry")
+        check_geometry(label, "label", "the images", "label")
         src = sitk.GetArrayViewFromImage(label.image)
         remapped, present = remap_labels(case_id, label.path, src, label_map or {})
         lab_img = sitk.GetImageFromArray(remapped) if remapped is not src else label.image
