@@ -105,6 +105,10 @@ class AccessRefusedError(DownloadError):
         self.status = status
 
 
+class BadRequestError(DownloadError):
+    """HTTP 400: the server refused the request's parameters (NBIA does so for unknown ones)."""
+
+
 class TransientStatusError(DownloadError):
     """An HTTP status worth retrying (408, 429, 5xx), with the server's ``Retry-After``."""
 
@@ -275,8 +279,9 @@ class HttpClient:
             raise AccessRefusedError(what, f"HTTP {resp.status_code} (access refused) from {where}; "
                                       f"{hint}", status=resp.status_code)
         detail = f": {self.redact(excerpt)!r}" if excerpt else ""
-        raise DownloadError(what, f"HTTP {resp.status_code} from {where} with parameters "
-                                  f"{dict(params or {})!r}{detail}")
+        error = BadRequestError if resp.status_code == 400 else DownloadError
+        raise error(what, f"HTTP {resp.status_code} from {where} with parameters "
+                          f"{dict(params or {})!r}{detail}")
 
     def get_json(self, url: str, params: Mapping[str, str] | None = None, *,
                  what: str) -> Any:

@@ -14,6 +14,8 @@ getSeries               Collection, PatientID                       SeriesInstan
                                                                     ImageCount, FileSize
 getSeriesSize           SeriesInstanceUID                           TotalSizeInBytes, ObjectCount
 getImage                SeriesInstanceUID, IncludeMD5=Yes           a zip with md5hashes.csv
+getImageWithMD5Hash     SeriesInstanceUID                           the same zip, for servers
+                                                                    that refuse IncludeMD5
 ======================  ==========================================  =========================
 
 The API as it behaves: an unknown parameter is answered with HTTP 400 (so only the
@@ -41,7 +43,7 @@ from pipeline.download.errors import (
     DownloadError,
     NotFoundError,
 )
-from pipeline.download.http import AccessRefusedError, HttpClient
+from pipeline.download.http import AccessRefusedError, BadRequestError, HttpClient
 from pipeline.download.plan import Plan, PlanItem, StateDir, install_series, series_is_complete
 from pipeline.download.safezip import safe_extract, verify_zip
 
@@ -330,6 +332,26 @@ class NbiaFetcher:
     def __init__(self, client: NbiaClient, *, require_md5: bool = True) -> None:
         self.client = client
         self.require_md5 = require_md5
+        self._md5_endpoint = False  # set once the server refuses IncludeMD5 on getImage
+
+    def _download(self, item: PlanItem, part: Path, progress: Callable[[int], None],
+                  validate: Callable[[Path], None]) -> int:
+        """``getImage`` with ``IncludeMD5=Yes``; a server that answers 400 to that parameter
+        (NBIA's v4 sources list only ``SeriesInstanceUID`` there) is asked through
+        ``getImageWithMD5Hash`` instead, for this and every later series."""
+        params = {"SeriesInstanceUID": item.key}
+        if not self._md5_endpoint:
+            try:
+                return self.client.http.download(
+                    self.client.url("getImage"), part, what=item.label,
+                    params={**params, "IncludeMD5": "Yes"}, resume=False, progress=progress,
+                    validate=validate)
+            except BadRequestError as err:
+                logger.info("%s; using getImageWithMD5Hash", err)
+                self._md5_endpoint = True
+        return self.client.http.download(
+            self.client.url("getImageWithMD5Hash"), part, what=item.label, params=params,
+            resume=False, progress=progress, validate=validate)
 
     def is_complete(self, item: PlanItem, dest: Path) -> bool:
         """Whether the series is already downloaded and verified."""
@@ -354,10 +376,7 @@ class NbiaFetcher:
             extracted["files"] = files
 
         try:
-            size = self.client.http.download(
-                self.client.url("getImage"), part, what=item.label,
-                params={"SeriesInstanceUID": item.key, "IncludeMD5": "Yes"},
-                resume=False, progress=progress, validate=validate)
+            size = self._download(item, part, progress, validate)
             files = extracted["files"]
             if item.size_bytes is not None:
                 total = sum(f.size for f in files)

@@ -35,6 +35,7 @@ ALLOWED = {
     "getSeries": {"Collection", "PatientID", "StudyInstanceUID", "Modality"},
     "getSeriesSize": {"SeriesInstanceUID"},
     "getImage": {"SeriesInstanceUID", "IncludeMD5"},
+    "getImageWithMD5Hash": {"SeriesInstanceUID"},
 }
 
 
@@ -203,11 +204,15 @@ class _Handler(BaseHTTPRequestHandler):
 class FakeNbia(_Server):
     """The NBIA v4 endpoints the client uses, over a list of FakeSeries."""
 
-    def __init__(self, series: list[FakeSeries], *, token: str | None = None) -> None:
+    def __init__(self, series: list[FakeSeries], *, token: str | None = None,
+                 include_md5: bool = True) -> None:
         super().__init__(_NbiaHandler)
         self.series = series
         self.token = token
         self.evil: set[str] = set()
+        # False: getImage takes SeriesInstanceUID only (400 for IncludeMD5), as in NBIA's
+        # own v4 sources, and the md5 list comes from getImageWithMD5Hash
+        self.include_md5 = include_md5
 
     @property
     def api(self) -> str:
@@ -226,7 +231,8 @@ class _NbiaHandler(_Handler):
         if endpoint not in ALLOWED:
             self.send_body(404, b"not found", "text/plain")
             return
-        unknown = set(params) - ALLOWED[endpoint]
+        allowed = ALLOWED[endpoint] - (set() if self.fake.include_md5 else {"IncludeMD5"})
+        unknown = set(params) - allowed
         if unknown:
             self.send_body(400, f"unknown parameter(s) {sorted(unknown)}".encode(), "text/plain")
             return

@@ -193,3 +193,17 @@ class TestToken:
             with pytest.raises(DownloadError, match=r"HTTP 401.*XRAI_TCIA_TOKEN was refused") as info:
                 plan_nbia(NbiaClient(http, server.api), "UPENN-GBM")
         assert "wrong-secret" not in str(info.value)
+
+
+def test_server_without_include_md5_is_asked_through_get_image_with_md5_hash(
+        archive: list[FakeSeries], http: HttpClient, tmp_path: Path) -> None:
+    with FakeNbia(list(archive), include_md5=False) as server:
+        client = NbiaClient(http, server.api)
+        summary = run_plan(plan_nbia(client, "UPENN-GBM"), NbiaFetcher(client), tmp_path)
+        paths = [p.rsplit("/", 1)[-1] for p, _, _ in server.log]
+    assert summary.exit_code == 0, summary.of("failed")
+    assert paths.count("getImage") == 1  # refused once (HTTP 400), then never again
+    assert paths.count("getImageWithMD5Hash") == len(archive)
+    for s in archive:
+        for name, data in s.files.items():
+            assert (tmp_path / s.patient / s.uid / name).read_bytes() == data
