@@ -55,6 +55,29 @@ def phantom(
     console.print(f"wrote {len(folders)} phantom cases to {out_dir}")
 
 
+StorageOptionArg = Annotated[list[str] | None, typer.Option(
+    "--storage-option", help="fsspec option for a remote store, KEY=VALUE (repeatable), e.g. "
+    "endpoint_url=http://127.0.0.1:9000 or anon=true; credentials may also come from the "
+    "usual environment variables.")]
+
+
+def parse_storage_options(pairs: list[str] | None) -> dict:
+    """``["endpoint_url=http://h:9000", "anon=true"]`` to a dict (JSON values where they parse)."""
+    import json
+
+    out: dict = {}
+    for pair in pairs or []:
+        key, sep, value = pair.partition("=")
+        if not sep or not key:
+            raise typer.BadParameter(f"expected KEY=VALUE, got {pair!r}",
+                                     param_hint="--storage-option")
+        try:
+            out[key] = json.loads(value)
+        except ValueError:
+            out[key] = value
+    return out
+
+
 def _progress() -> Progress:
     return Progress(TextColumn("[bold]{task.description}"), BarColumn(), MofNCompleteColumn(),
                     TextColumn("{task.fields[last]}"), TimeElapsedColumn(), console=err_console,
@@ -62,7 +85,8 @@ def _progress() -> Progress:
 
 
 def run_ingest(source_dir: Path, store: str, dataset: str, *, layout: str, grid: Grid,
-               workers: int, recompute: bool, discover_options: dict | None = None):
+               workers: int, recompute: bool, discover_options: dict | None = None,
+               storage_options: dict | None = None):
     """Ingest with a progress bar and print the summary; returns the report."""
     from pipeline.ingest import ingest
 
@@ -77,7 +101,7 @@ def run_ingest(source_dir: Path, store: str, dataset: str, *, layout: str, grid:
 
         report = ingest(source_dir, store, dataset, layout=layout, grid=grid, workers=workers,
                         recompute=recompute, discover_options=discover_options or {},
-                        progress=advance,
+                        storage_options=storage_options or None, progress=advance,
                         on_discovered=discovered)
     print_ingest_report(report)
     return report
@@ -116,6 +140,7 @@ def ingest(
         help="DICOM SEG / ReMIND: segment description(s) that mean tumour (repeatable).")] = None,
     partial_annotation: Annotated[bool, typer.Option(
         help="Only some slices are annotated (LGG-1p19qDeletion): record which.")] = False,
+    storage_option: StorageOptionArg = None,
 ) -> None:
     """Standardize a collection into the Zarr store.
 
@@ -128,7 +153,8 @@ def ingest(
         if tumour_segment:
             options["tumour_segments"] = tuple(tumour_segment)
         report = run_ingest(source_dir, store, dataset, layout=layout, grid=grid,
-                            workers=workers, recompute=recompute, discover_options=options)
+                            workers=workers, recompute=recompute, discover_options=options,
+                            storage_options=parse_storage_options(storage_option))
     except (XraiError, FileNotFoundError, ValueError) as err:
         _fail(str(err))
     raise typer.Exit(report.exit_code)
@@ -196,7 +222,7 @@ def print_stats_summary(stats) -> None:
 
 
 def run_stats_cli(store: str, dataset: str, *, out: Path | None, scheduler: str | None,
-                  recompute: bool):
+                  recompute: bool, storage_options: dict | None = None):
     """Compute statistics with a progress bar, write them, print the summary."""
     from pipeline.stats_runner import run_stats, write_stats
 
@@ -210,7 +236,8 @@ def run_stats_cli(store: str, dataset: str, *, out: Path | None, scheduler: str 
             bar.update(task, advance=1, last=case_id)
 
         stats = run_stats(store, dataset, scheduler=scheduler, recompute=recompute,
-                          on_start=start, on_done=done)
+                          storage_options=storage_options or None, on_start=start,
+                          on_done=done)
     if out is not None:
         write_stats(stats, str(out))
         console.print(f"statistics written to {out}")
@@ -227,10 +254,12 @@ def stats_command(
         help="Dask scheduler address (tcp://…); default starts a local cluster; "
              "'synchronous' runs in this process.")] = None,
     recompute: Annotated[bool, typer.Option(help="Ignore persisted per-case statistics.")] = False,
+    storage_option: StorageOptionArg = None,
 ) -> None:
     """Single-pass intensity and label statistics of a dataset (Dask)."""
     try:
-        run_stats_cli(store, dataset, out=out, scheduler=scheduler, recompute=recompute)
+        run_stats_cli(store, dataset, out=out, scheduler=scheduler, recompute=recompute,
+                      storage_options=parse_storage_options(storage_option))
     except XraiError as err:
         _fail(str(err))
 

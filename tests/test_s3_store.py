@@ -68,3 +68,27 @@ def test_ingest_and_stats_on_s3_equal_the_local_store(s3, tmp_path):
     seen = []
     run_stats(remote, "ds", scheduler="synchronous", storage_options=s3, on_done=seen.append)
     assert seen == []  # partials persisted on S3 and reused
+
+
+def test_cli_takes_storage_options(s3, tmp_path):
+    from typer.testing import CliRunner
+
+    from pipeline.cli import app
+
+    src = tmp_path / "src"
+    write_phantom(src, cases=2, seed=4, shape=(40, 40, 32))
+    opts = [arg for k in ("key", "secret", "endpoint_url")
+            for arg in ("--storage-option", f"{k}={s3[k]}")]
+    runner = CliRunner()
+    store = ["--store", "s3://xrai/cli.zarr", "--dataset", "ds"]
+    ingested = runner.invoke(app, ["ingest", str(src), *store, "--spacing", "1.5", "1.5", "1.5",
+                                   "--shape", "48", "48", "32", *opts])
+    assert ingested.exit_code == 0, ingested.output
+    out = tmp_path / "stats.json"
+    result = runner.invoke(app, ["stats", *store, "--scheduler", "synchronous", "--out", str(out),
+                                 *opts])
+    assert result.exit_code == 0, result.output
+    assert json.loads(out.read_text())["n_cases"] == 2
+    bad = runner.invoke(app, ["stats", *store, "--storage-option", "novalue"])
+    assert bad.exit_code == 2
+    assert "expected KEY=VALUE, got 'novalue'" in bad.output
