@@ -150,7 +150,7 @@ class HistogramPartial:
             under = x < e[0]
             over = x > e[-1]
         inside = ~(nan | under | over)
-        y = np.asarray(x[inside], dtype=np.float64) if not inside.all() else x.astype(np.float64)
+        y = np.asarray(x[inside] if not inside.all() else x, dtype=np.float64)
         counts = np.bincount(_bin_index(y, e), minlength=bins).astype(np.int64)
         return cls(e, counts, int(under.sum()), int(over.sum()), int(nan.sum()))
 
@@ -189,9 +189,21 @@ class HistogramPartial:
         )
 
 
+def _dyadic_from_zero(e: NDArray[np.float64]) -> bool:
+    """Whether the edges are exactly ``i * w`` for a power of two ``w`` (the engine's)."""
+    w = float(e[1]) if e.size > 1 else 0.0
+    return (e[0] == 0.0 and w > 0.0 and math.frexp(w)[0] == 0.5
+            and bool(np.array_equal(e, np.arange(e.size, dtype=np.float64) * w)))
+
+
 def _bin_index(y: NDArray[np.float64], e: NDArray[np.float64]) -> NDArray[np.intp]:
     """Bin of each value in ``[e[0], e[-1]]`` (numpy.histogram's convention)."""
     bins = e.size - 1
+    if _dyadic_from_zero(e):
+        # edges i * 2**k: y * 2**-k is exact, so its floor is the bin with no correction
+        idx = (y * (1.0 / e[1])).astype(np.intp)
+        np.minimum(idx, bins - 1, out=idx)  # values equal to the last edge
+        return idx
     width = np.diff(e)
     if np.allclose(width, (e[-1] - e[0]) / bins, rtol=1e-9, atol=0.0):
         # estimate is off by at most one bin; the two comparisons make it exact

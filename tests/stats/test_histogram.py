@@ -151,3 +151,15 @@ class TestPercentile:
         e = fixed_edges(-50, 50, bins)
         got = percentile(HistogramPartial.from_values(x, e), q)
         assert abs(got - np.percentile(x, q)) <= (100 / bins) * (1 + 1e-9) + 1e-9
+
+
+@pytest.mark.parametrize("upper", [1.0, 2048.0, 2.0**-3])
+def test_dyadic_edges_from_zero_match_numpy_exactly(upper: float) -> None:
+    """The engine's edges (0 .. 2**k in 2**m bins) take a path with no correction step."""
+    edges = fixed_edges(0.0, upper, 4096)
+    rng = np.random.default_rng(11)
+    # random values plus every edge itself (the ties a fast path could get wrong)
+    x = np.concatenate([rng.uniform(0.0, upper, 20_000), edges, np.nextafter(edges, -1)[1:]])
+    ours = HistogramPartial.from_values(x, edges)
+    ref, _ = np.histogram(x, edges)  # numpy.histogram is the oracle: counts must be equal
+    np.testing.assert_array_equal(ours.counts, ref)
