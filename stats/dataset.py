@@ -135,7 +135,8 @@ class CasePartials:
                 ch: {
                     "moments": {str(code): {cand: p.to_dict() for cand, p in cands.items()}
                                 for code, cands in cp.moments.items()},
-                    "histograms": {str(code): h.to_dict() for code, h in cp.histograms.items()},
+                    "histograms": {str(code): _hist_to_dict(h)
+                                   for code, h in cp.histograms.items()},
                 }
                 for ch, cp in self.channels.items()
             },
@@ -148,13 +149,42 @@ class CasePartials:
             ch: ChannelPartials(
                 moments={int(code): {cand: MomentPartial.from_dict(p) for cand, p in cands.items()}
                          for code, cands in cp["moments"].items()},
-                histograms={int(code): HistogramPartial.from_dict(h)
+                histograms={int(code): _hist_from_dict(h)
                             for code, h in cp["histograms"].items()},
             )
             for ch, cp in d["channels"].items()
         }
         return cls(case_id=d["case_id"], content_hash=d["content_hash"], config=d["config"],
                    channels=channels, labels=CaseLabelStats.model_validate(d["labels"]))
+
+
+def _hist_to_dict(h: HistogramPartial) -> dict[str, Any]:
+    """Compact form for persisting: equal-width edges as (low, high, bins), counts sparse.
+
+    Most bins of a small region are empty, and a per-case record holds 16 histograms of
+    4096 bins, so the dense form would dominate what is written per case.
+    """
+    edges = np.asarray(h.edges)
+    bins = edges.size - 1
+    nz = np.flatnonzero(h.counts)
+    d: dict[str, Any] = {"index": nz.tolist(), "counts": np.asarray(h.counts)[nz].tolist(),
+                         "underflow": h.underflow, "overflow": h.overflow, "n_nan": h.n_nan}
+    if np.array_equal(fixed_edges(float(edges[0]), float(edges[-1]), bins), edges):
+        d["range"] = [float(edges[0]), float(edges[-1]), bins]
+    else:
+        d["edges"] = edges.tolist()
+    return d
+
+
+def _hist_from_dict(d: Mapping[str, Any]) -> HistogramPartial:
+    if "range" in d:
+        low, high, bins = d["range"]
+        edges = fixed_edges(float(low), float(high), int(bins))
+    else:
+        edges = np.asarray(d["edges"], dtype=np.float64)
+    counts = np.zeros(edges.size - 1, dtype=np.int64)
+    counts[np.asarray(d["index"], dtype=np.intp)] = d["counts"]
+    return HistogramPartial(edges, counts, d["underflow"], d["overflow"], d["n_nan"])
 
 
 def region_codes(label: np.ndarray, brain: np.ndarray, annotated: np.ndarray) -> np.ndarray:
