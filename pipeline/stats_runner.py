@@ -234,22 +234,19 @@ def run_stats(store_url: str, dataset: str, *, scheduler: str | None = None,
 
 def write_stats(stats: DatasetStats, path: str) -> None:
     """Write the statistics JSON atomically (NaN written as null)."""
-    import os
-    import tempfile
-    from pathlib import Path
+    from stats.manifest import write_text_atomic
 
-    target = Path(path)
-    target.parent.mkdir(parents=True, exist_ok=True)
-    text = stats.model_dump_json(indent=2)  # NaN is written as null
-    fd, tmp = tempfile.mkstemp(dir=target.parent, prefix=f".{target.name}.", suffix=".tmp")
-    with os.fdopen(fd, "w") as fh:
-        fh.write(text)
-    os.replace(tmp, target)
+    write_text_atomic(path, stats.model_dump_json(indent=2) + "\n")
 
 
 def read_stats(path: str) -> DatasetStats:
-    """Read a statistics JSON written by `write_stats`."""
-    from pathlib import Path
+    """Read a statistics JSON written by `write_stats`.
 
-    return DatasetStats.model_validate_json(Path(path).read_text())
+    Raises
+    ------
+    FileNotFoundError, ManifestError
+        A missing file, or one that does not validate (file, field path, value).
+    """
+    from stats.manifest import load_stats
 
+    return load_stats(path)

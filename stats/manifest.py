@@ -367,9 +367,17 @@ def write_manifest(manifest: Manifest, path: str | os.PathLike[str]) -> Path:
 
     Returns the path written.
     """
+    return write_text_atomic(path, manifest.model_dump_json(indent=2) + "\n")
+
+
+def write_text_atomic(path: str | os.PathLike[str], text: str) -> Path:
+    """Write a text file atomically: a temporary file in the same folder, fsync, rename.
+
+    A run killed at any moment leaves either the old file or the new one, never half.
+    Used for manifests and statistics files.
+    """
     p = Path(path)
     p.parent.mkdir(parents=True, exist_ok=True)
-    text = manifest.model_dump_json(indent=2) + "\n"
     fd, tmp = tempfile.mkstemp(prefix=f".{p.name}.", suffix=".tmp", dir=p.parent)
     try:
         with os.fdopen(fd, "w", encoding="utf-8") as fh:
