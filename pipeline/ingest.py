@@ -21,6 +21,7 @@ import logging
 import multiprocessing
 import os
 import time
+from collections import Counter
 from collections.abc import Callable, Iterable, Mapping, Sequence
 from concurrent.futures import ProcessPoolExecutor, as_completed
 from dataclasses import dataclass, field
@@ -114,7 +115,7 @@ def ingest_case(store_url: str, dataset: str, case: CaseSource, slot: int,
         return reject(f"cannot read source file: {err}", getattr(err, "filename", None))
     if committed_hash == content_hash and not recompute:
         return CaseOutcome(cid, "unchanged", seconds=time.perf_counter() - t0)
-    earlier = store.quarantined().get(cid)
+    earlier = store.quarantine_record(cid)
     if earlier is not None and earlier.get("content_hash") == content_hash and not recompute:
         return CaseOutcome(cid, "quarantined", str(earlier["reason"]), earlier.get("path"),
                            time.perf_counter() - t0)
@@ -184,7 +185,7 @@ def ingest_cases(
         The store exists with another grid (nothing is written then).
     """
     ids = [c.case_id for c in cases]
-    dup = sorted({i for i in ids if ids.count(i) > 1})
+    dup = sorted(i for i, n in Counter(ids).items() if n > 1)
     if dup:
         raise XraiError(f"case ids {dup} occur more than once in the source")
     store = DatasetStore.create(store_url, dataset, grid=grid, skull_stripped=skull_stripped,

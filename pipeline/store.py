@@ -221,6 +221,11 @@ class DatasetStore:
         """Quarantined cases by id, each with ``reason`` and ``path``."""
         return {name: dict(grp.attrs) for name, grp in sorted(self._meta("quarantine").groups())}
 
+    def quarantine_record(self, case_id: str) -> dict[str, Any] | None:
+        """Why one case is quarantined (``reason``, ``path``, ``content_hash``), or None."""
+        group = self._meta("quarantine")
+        return dict(group[case_id].attrs) if case_id in group else None
+
     def slots(self) -> dict[str, int]:
         """Every slot assignment, committed or not (``_xrai`` attribute ``slots``)."""
         return {str(k): int(v) for k, v in self._meta("cases").attrs.get("slots", {}).items()}
