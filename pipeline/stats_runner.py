@@ -49,11 +49,13 @@ _STATS = "_xrai/stats"
 def engine_config(store: DatasetStore, *, bins: int = DEFAULT_BINS) -> EngineConfig:
     """The engine configuration for a store, from its attributes and case records only.
 
-    The histogram upper edge of each channel comes from the per-case intensity ranges
-    recorded at ingest, so no voxel is read to fix it.
+    The histogram upper edge of each channel, and the scale of its candidate transforms
+    (the channel's largest value, so that the choice of transform does not depend on
+    the units), come from the per-case intensity ranges recorded at ingest, so no voxel
+    is read to fix them.
     """
     records = store.committed()
-    upper = {}
+    upper, scale = {}, {}
     for ci, ch in enumerate(store.channels):
         highs = []
         for rec in records.values():
@@ -62,9 +64,11 @@ def engine_config(store: DatasetStore, *, bins: int = DEFAULT_BINS) -> EngineCon
                 # a case committed without its range (written by other tools): one read
                 high = float(np.nanmax(store.group["image"][rec.slot, ci]))
             highs.append(float(high))
-        upper[ch] = nice_upper(max(highs, default=1.0))
+        top = max(highs, default=1.0)
+        upper[ch] = nice_upper(top)
+        scale[ch] = top if math.isfinite(top) and top > 0 else 1.0
     return EngineConfig(channels=store.channels, upper=upper, voxel_ml=store.grid.voxel_ml,
-                        bins=bins)
+                        bins=bins, scale=scale)
 
 
 def load_persisted(store: DatasetStore, case_id: str) -> CasePartials | None:

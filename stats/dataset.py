@@ -34,10 +34,10 @@ from stats.histogram import HistogramPartial, fixed_edges, percentile
 from stats.histogram import merge as merge_hist
 from stats.kernels import IDENTITY, region_partials
 from stats.moments import MomentPartial
-from stats.summary import PERCENTILES, CaseLabelStats, Distribution, Moments
+from stats.summary import PERCENTILES, CaseLabelStats, Distribution, Histogram, Moments
 from stats.transforms import DERIVED, candidates_for
 
-ENGINE_VERSION = 1
+ENGINE_VERSION = 2
 N_CODES = 5
 CLASS_CODES: dict[str, int] = {"background": 1, "NCR": 2, "ED": 3, "ET": 4}
 REGIONS: dict[str, tuple[int, ...]] = {
@@ -70,24 +70,31 @@ class EngineConfig:
     ----------
     channels : tuple of str
     upper : mapping of str to float
-        Histogram upper edge per channel (lower edge 0: intensities are >= 0), also the
-        scale of the arcsin-sqrt candidate.
-    bins : int
-        Histogram bins per channel; percentile error is at most one bin width.
+        Histogram upper edge per channel (lower edge 0: intensities are >= 0).
     voxel_ml : float
         Volume of one voxel of the dataset grid in mL.
+    bins : int
+        Histogram bins per channel; percentile error is at most one bin width.
+    scale : mapping of str to float, optional
+        The channel's largest intensity over the dataset (recorded at ingest): the scale
+        of the candidate transforms (`intensity_transforms`). Defaults to ``upper``.
     """
 
     channels: tuple[str, ...]
     upper: Mapping[str, float]
     voxel_ml: float
     bins: int = DEFAULT_BINS
+    scale: Mapping[str, float] | None = None
 
     def edges(self, channel: str) -> np.ndarray:
         return fixed_edges(0.0, float(self.upper[channel]), self.bins)
 
+    def channel_scale(self, channel: str) -> float:
+        s = float((self.scale or self.upper)[channel])
+        return s if math.isfinite(s) and s > 0 else 1.0
+
     def transforms(self, channel: str) -> dict[str, Any]:
-        return candidates_for("intensity", scale=float(self.upper[channel]))
+        return intensity_transforms(self.channel_scale(channel))
 
     def fingerprint(self) -> str:
         doc = {
@@ -95,11 +102,47 @@ class EngineConfig:
             "channels": list(self.channels),
             "upper": {k: float(v) for k, v in sorted(self.upper.items())},
             "bins": self.bins,
+            "scale": {c: self.channel_scale(c) for c in self.channels},
             "voxel_ml": round(self.voxel_ml, 12),
             "transforms": {c: {n: _params(t) for n, t in self.transforms(c).items()}
                            for c in self.channels},
         }
         return hashlib.sha256(json.dumps(doc, sort_keys=True).encode()).hexdigest()[:16]
+
+
+#: Offset of the intensity logarithms as a share of the channel's largest value (2^-10:
+#: one step of a 10-bit quantisation of the channel's range). A share, not an absolute
+#: unit, so that the same data in other units (x 0.01, x 1000) get transformed
+#: distributions of the same shape: ln(k x + k c) = ln k + ln(x + c).
+INTENSITY_OFFSET_SHARE = 2.0**-10
+
+
+def intensity_transforms(scale: float) -> dict[str, Any]:
+    """The intensity candidates for a channel whose largest value is ``scale``.
+
+    ln / log10 use the offset ``scale * INTENSITY_OFFSET_SHARE`` and arcsin-sqrt the scale
+    itself, so every candidate is invariant to the units of the data up to a constant
+    shift (the logarithms) or exactly (arcsin-sqrt of ``x / scale``): the choice between
+    them depends on the shape of the distribution, never on its units.
+    """
+    return candidates_for("intensity", scale=scale,
+                          unit_offset=scale * INTENSITY_OFFSET_SHARE)
+
+
+def clamped(forward: Any, upper: float) -> Any:
+    """``forward`` applied to values clamped to ``[0, upper]``: the documented rule for
+    intensities outside the candidates' domain.
+
+    MRI magnitudes are >= 0, but linear resampling overshoots near sharp edges and some
+    scanners store small negative offsets. For the candidate transforms a negative value
+    counts as 0 (and a value above the recorded maximum, a rounding artefact, as the
+    maximum), per voxel, so one such voxel never stops the statistics of a dataset; the
+    raw moments and the histogram (whose underflow counts the negative values) still see
+    the values as they are.
+    """
+    def f(x: np.ndarray) -> np.ndarray:
+        return forward(np.clip(x, 0.0, upper))
+    return f
 
 
 def _params(t: Any) -> dict[str, Any]:
@@ -253,8 +296,8 @@ def case_partials(case_id: str, content_hash: str, arrays: Mapping[str, np.ndarr
     for ci, ch in enumerate(config.channels):
         transforms = config.transforms(ch)
         # log10 is ln scaled by 1/ln(10): derived exactly from the ln partial, not computed.
-        funcs = {n: t.forward for n, t in transforms.items()
-                 if n != IDENTITY and n not in DERIVED}
+        funcs = {n: clamped(t.forward, config.channel_scale(ch))
+                 for n, t in transforms.items() if n != IDENTITY and n not in DERIVED}
         res = region_partials(arrays["image"][ci], codes, N_CODES, funcs, edges=config.edges(ch))
         per_code: dict[int, dict[str, MomentPartial]] = {}
         for code in range(1, N_CODES):
@@ -317,12 +360,19 @@ def intensity_distributions(cases: Sequence[CasePartials], config: EngineConfig
             hist = _merge_hists(hists)
             raw = merged.pop("identity")
             pct = {_pct_key(q): (percentile(hist, q) if raw.n else math.nan) for q in PERCENTILES}
+            dense = None
+            if region == "brain":  # what the rules need to see the network's input
+                edges = np.asarray(hist.edges)
+                dense = Histogram(low=float(edges[0]), high=float(edges[-1]),
+                                  counts=np.asarray(hist.counts).tolist(),
+                                  underflow=int(hist.underflow), overflow=int(hist.overflow))
             out[ch][region] = Distribution(
                 name=f"intensity/{ch}/{region}", kind="intensity", unit="a.u.",
                 moments=moments_summary(raw), percentiles=pct,
                 candidates={"identity": moments_summary(raw),
                             **{c: moments_summary(p) for c, p in merged.items()}},
                 transforms={name: _params(t) for name, t in transforms.items()},
+                histogram=dense,
             )
     return out
 

@@ -3,12 +3,14 @@
 A manifest records, for one dataset of the store:
 
 - ``dataset``: what the statistics describe, and a fingerprint of them;
-- ``transforms``: for every measured distribution (intensity per channel and region,
-  tumour fraction per case and per slice, tumour volume, components) the chosen transform
-  with its evidence (`stats.transforms.select`);
+- ``transforms``: for the brain intensities of every channel, the transform the
+  normalization plan applies, with its evidence (`stats.transforms.select`). Transforms of
+  the other distributions (other regions, label statistics) are in the statistics file's
+  candidates; the manifest lists only what the trainer uses;
 - ``normalization``: per channel the plan the trainer applies, exactly
   (`ChannelNormalization.apply`);
-- ``loss``: terms, weighting and the decisions that made them (`stats.rules`);
+- ``loss``: terms, weighting, optionally the greedy adaptation of one term's parameters,
+  and the decisions that made them (`stats.rules`);
 - ``provenance``: store content hash, code and package versions, seed, creation time.
 
 ``Manifest.loss_spec()`` gives the dict the trainer's ``build_loss`` takes
@@ -42,11 +44,14 @@ from stats.rules import (
     LOSS_NAMES,
     TERM_NAMES,
     WEIGHTING_METHODS,
+    AdaptationConfig,
     Decision,
+    LossPlan,
     LossTerm,
     WeightingConfig,
     decide_loss,
 )
+from stats.seen import seen_moments
 from stats.summary import DatasetStats
 from stats.transforms import Selection, TransformName, make_transform, select
 
@@ -125,11 +130,14 @@ class ChannelNormalization(_Frozen):
     (``clip_low = f(raw_clip_low)``: percentiles map through monotone transforms
     exactly), and clipping first keeps every value inside ``f``'s domain.
 
-    ``mean`` and ``std`` are those of the transformed brain intensities *before* clipping
-    (the candidate moments the statistics engine gathers in its single pass); clipping
-    1 % of the voxels moves them slightly (for a normal sample, the 0.5/99.5 clip lowers
-    the std by about 2 % and leaves the mean). The raw percentiles come from the engine's
-    fixed-edge histogram (within one bin width).
+    ``mean`` and ``std`` are those of the transformed brain intensities *after* the clip
+    (``moments_source = "transformed_clipped"``: read from the engine's histogram by
+    `stats.seen.seen_moments`, so the z-scored input has mean 0 and std 1 as the network
+    sees it). Statistics written without histograms give the unclipped candidate moments
+    (``"transformed_unclipped"``; the 0.5/99.5 clip lowers a normal sample's std by about
+    2 %). The raw percentiles come from the histogram (within one bin width); negative
+    intensities count as 0 (`stats.dataset.clamped`). ``percentiles`` are 0.5/99.5 unless
+    rule R3 chose a tighter clip for the channel.
     """
 
     channel: str
@@ -142,7 +150,8 @@ class ChannelNormalization(_Frozen):
     clip_high: float
     mean: float
     std: float = Field(gt=0, allow_inf_nan=False)
-    moments_source: Literal["transformed_unclipped"] = "transformed_unclipped"
+    moments_source: Literal["transformed_clipped", "transformed_unclipped"] = \
+        "transformed_unclipped"
 
     @model_validator(mode="after")
     def _ordered(self) -> ChannelNormalization:
@@ -162,17 +171,22 @@ class ChannelNormalization(_Frozen):
 
 
 class LossConfig(_Frozen):
-    """The loss terms, their weighting, and the rule decisions behind them."""
+    """The loss terms, their weighting, the optional greedy adaptation of one term's
+    parameters, and the rule decisions behind them."""
 
     terms: list[LossTerm] = Field(min_length=1)
     weighting: WeightingConfig
     decisions: list[Decision]
+    adaptation: AdaptationConfig | None = None
 
     @model_validator(mode="after")
     def _weighting_fits(self) -> LossConfig:
         if self.weighting.method == "rebalance" and len(self.terms) != 2:
             raise ValueError(f"weighting 'rebalance' needs exactly 2 terms, got "
                              f"{len(self.terms)}")
+        if self.adaptation is not None and self.adaptation.term >= len(self.terms):
+            raise ValueError(f"adaptation.term {self.adaptation.term!r} names no term: there "
+                             f"are {len(self.terms)} (indices 0 to {len(self.terms) - 1})")
         return self
 
 
@@ -211,14 +225,21 @@ class Manifest(_Frozen):
         return self
 
     def loss_spec(self) -> dict[str, Any]:
-        """The dict ``pipeline.train.losses.build_loss`` takes for the manifest loss."""
-        return {
+        """The dict ``pipeline.train.losses.build_loss`` takes for the manifest loss.
+
+        ``"adaptation"`` (method, term, params, factors, every) is present only when the
+        manifest has one.
+        """
+        spec: dict[str, Any] = {
             "name": "manifest",
             "terms": [{"name": t.name, "weight": t.weight, "params": _plain(t.params)}
                       for t in self.loss.terms],
             "weighting": {"method": self.loss.weighting.method,
                           "params": _plain(self.loss.weighting.params)},
         }
+        if self.loss.adaptation is not None:
+            spec["adaptation"] = self.loss.adaptation.model_dump(exclude={"reason"})
+        return spec
 
 
 def _plain(params: Mapping[str, Any]) -> dict[str, Any]:
@@ -247,27 +268,51 @@ def _package_versions() -> dict[str, str]:
     return out
 
 
-def _normalization(stats: DatasetStats, ch: str, sel: Selection) -> ChannelNormalization:
+def _normalization(stats: DatasetStats, ch: str, sel: Selection,
+                   percentiles: tuple[float, float] = CLIP_PERCENTILES) -> ChannelNormalization:
     dist = stats.intensity[ch]["brain"]
     where = f"statistics of {stats.dataset!r}: intensity.{ch}.brain"
+    t = sel.transform()
+    spec = TransformSpec(name=sel.chosen, params=sel.params)
+    if dist.histogram is not None:
+        seen = seen_moments(dist.histogram, t, percentiles)
+        if not (math.isfinite(seen.raw_clip_low) and math.isfinite(seen.raw_clip_high)):
+            raise ValueError(f"{where}: the histogram holds no brain voxels to normalise with")
+        if not (math.isfinite(seen.std) and seen.std > 0):
+            raise ValueError(f"{where}: std of the intensities after {sel.chosen} and the "
+                             f"{percentiles[0]:g}/{percentiles[1]:g} clip is {seen.std!r}; a "
+                             f"z-score needs std > 0")
+        return ChannelNormalization(
+            channel=ch, transform=spec, percentiles=(seen.percentiles[0], seen.percentiles[1]),
+            raw_clip_low=seen.raw_clip_low, raw_clip_high=seen.raw_clip_high,
+            clip_low=seen.clip_low, clip_high=seen.clip_high, mean=seen.mean, std=seen.std,
+            moments_source="transformed_clipped")
     keys = [f"{q:g}" for q in CLIP_PERCENTILES]
     missing = [k for k in keys if k not in dist.percentiles]
     if missing:
         raise ValueError(f"{where}.percentiles lacks {missing!r}")
-    lo, hi = (float(dist.percentiles[k]) for k in keys)
+    lo, hi = (max(float(dist.percentiles[k]), 0.0) for k in keys)  # negatives count as 0
     if not (math.isfinite(lo) and math.isfinite(hi)):
         raise ValueError(f"{where}: percentiles {keys} are {lo!r}, {hi!r}; the channel has "
                          f"no brain voxels to normalise with")
-    t = sel.transform()
     m = dist.candidates.get(sel.chosen, dist.moments)
     if not (math.isfinite(m.std) and m.std > 0):
         raise ValueError(f"{where}: std of the intensities after {sel.chosen} is {m.std!r}; "
                          f"a z-score needs std > 0")
     return ChannelNormalization(
-        channel=ch, transform=TransformSpec(name=sel.chosen, params=sel.params),
+        channel=ch, transform=spec,
         raw_clip_low=lo, raw_clip_high=hi, clip_low=float(t.forward(lo)),
         clip_high=float(t.forward(hi)), mean=float(m.mean), std=float(m.std),
     )
+
+
+def clip_percentiles(plan: LossPlan, channel: str) -> tuple[float, float]:
+    """The clip R3 chose for ``channel`` (0.5/99.5 unless it fired for that channel)."""
+    for d in plan.decisions:
+        if d.rule == "R3" and d.outcome == "clip" and channel in d.params:
+            lo, hi = d.params[channel]  # type: ignore[misc]
+            return (float(lo), float(hi))
+    return CLIP_PERCENTILES
 
 
 def build_manifest(stats: DatasetStats, *, seed: int = 0,
@@ -297,13 +342,14 @@ def build_manifest(stats: DatasetStats, *, seed: int = 0,
         if ch not in stats.intensity:
             raise ValueError(f"statistics of {stats.dataset!r}: field intensity.{ch} is "
                              f"missing (channels {stats.channels!r})")
-        for region, dist in stats.intensity[ch].items():
-            transforms[f"intensity/{ch}/{region}"] = select(dist)
-    for key, dist in stats.labels.items():
-        transforms[f"label/{key}"] = select(dist)
-    normalization = {ch: _normalization(stats, ch, transforms[f"intensity/{ch}/brain"])
-                     for ch in stats.channels}
+        if "brain" not in stats.intensity[ch]:
+            raise ValueError(f"statistics of {stats.dataset!r}: field intensity.{ch}.brain "
+                             f"is missing")
+        transforms[f"intensity/{ch}/brain"] = select(stats.intensity[ch]["brain"])
     plan = decide_loss(stats)
+    normalization = {ch: _normalization(stats, ch, transforms[f"intensity/{ch}/brain"],
+                                        clip_percentiles(plan, ch))
+                     for ch in stats.channels}
     return Manifest(
         dataset=DatasetInfo(
             name=stats.dataset, store=stats.store, n_cases=stats.n_cases,
@@ -314,7 +360,7 @@ def build_manifest(stats: DatasetStats, *, seed: int = 0,
         transforms=transforms,
         normalization=normalization,
         loss=LossConfig(terms=list(plan.terms), weighting=plan.weighting,
-                        decisions=list(plan.decisions)),
+                        decisions=list(plan.decisions), adaptation=plan.adaptation),
         provenance=Provenance(
             store_content_hash=stats.content_hash, stats_created_at=stats.created_at,
             stats_code_version=stats.code_version,
@@ -437,7 +483,7 @@ def decisions_table(manifest: Manifest) -> list[tuple[str, str, str]]:
     """Rows ``(rule, measured value, decision)`` for the demo's printed table.
 
     The loss rules first (R1, R2, R3, R5, R4), then the transform chosen for each
-    channel's brain intensities and for each label distribution.
+    channel's brain intensities (the only transforms a manifest lists).
     """
     rows: list[tuple[str, str, str]] = []
     for d in manifest.loss.decisions:
@@ -516,6 +562,13 @@ def decision_changes(old: Manifest, new: Manifest) -> list[str]:
     if (wa.method, _short(wa.params)) != (wb.method, _short(wb.params)):
         changes.append(f"weighting: {wa.method} {_short(wa.params)} -> "
                        f"{wb.method} {_short(wb.params)}")
+
+    def adaptation(a: AdaptationConfig | None) -> str:
+        return "none" if a is None else _short(a.model_dump(exclude={"reason"}))
+
+    if adaptation(old.loss.adaptation) != adaptation(new.loss.adaptation):
+        changes.append(f"adaptation: {adaptation(old.loss.adaptation)} -> "
+                       f"{adaptation(new.loss.adaptation)}")
     for key in [*old.transforms, *(k for k in new.transforms if k not in old.transforms)]:
         a, b = old.transforms.get(key), new.transforms.get(key)
         if a is None or b is None:

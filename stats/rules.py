@@ -11,12 +11,15 @@ papers and seeds it comes from.
 id     title                 measured                                               outcome
 =====  ====================  =====================================================  ==========================
 R1     class imbalance       median tumour fraction of brain voxels per case        tversky / dice / none
-R2     tumour-size tail      skewness of tumour volume per case                     focal(gamma) / bce
-R3     intensity tails       max excess kurtosis of brain intensities (chosen       barron(alpha0) / none
-                             transform) over channels
-R5     region adaptation     coefficient of variation of per-slice tumour fraction  adaptive_tversky(A, B) /
-                                                                                    fixed
-R4     term weighting        number of loss terms                                   static / softadapt / cov
+R2     tumour-size tail      skewness of tumour volume per case; fires when its      focal(gamma) / bce
+                             one-sided 95 % lower bound at the dataset's n > 1
+R3     intensity tails       max excess kurtosis over channels of the brain         clip (tighter percentiles)
+                             intensities after the normalization plan (transform,   / none
+                             then percentile clip)
+R5     region adaptation     median over cases of the coefficient of variation of   adaptive_tversky(A, B) /
+                             the per-slice tumour fraction within the tumour's      fixed
+                             axial extent
+R4     term weighting        number of loss terms                                   static / cov
 =====  ====================  =====================================================  ==========================
 
 (R4 runs last because it counts the terms the others chose.)
@@ -25,12 +28,14 @@ R4     term weighting        number of loss terms                               
 from __future__ import annotations
 
 import math
-from collections.abc import Mapping
+from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
-from typing import Literal
+from typing import Annotated, Literal
 
+import numpy as np
 from pydantic import BaseModel, ConfigDict, Field
 
+from stats.seen import CLIP_LEVELS, SeenMoments, seen_moments
 from stats.summary import DatasetStats, Distribution, Moments
 from stats.transforms import NullableFloat, select
 
@@ -39,9 +44,6 @@ __all__ = [
     "ADAPT_B",
     "ADAPT_CV_THRESHOLD",
     "ADAPT_REGIONS_PER_AXIS",
-    "BARRON_ALPHA_MIN",
-    "BARRON_ALPHA_RANGE",
-    "BARRON_SCALE",
     "FOCAL_GAMMA_MAX",
     "FOCAL_GAMMA_MIN",
     "FOCAL_SKEW_THRESHOLD",
@@ -50,11 +52,13 @@ __all__ = [
     "KURTOSIS_THRESHOLD",
     "LOSS_NAMES",
     "RULES",
-    "SOFTADAPT_BETA",
+    "SKEW_MIN_N",
+    "SKEW_Z",
     "TERM_NAMES",
     "TVERSKY_ALPHA",
     "TVERSKY_BETA",
     "WEIGHTING_METHODS",
+    "AdaptationConfig",
     "Decision",
     "LossName",
     "LossPlan",
@@ -65,6 +69,9 @@ __all__ = [
     "decide_loss",
     "imbalance_rule",
     "intensity_tail_rule",
+    "skewness_lower_bound",
+    "skewness_standard_error",
+    "slice_burden_cv",
     "volume_tail_rule",
     "weighting_rule",
 ]
@@ -103,23 +110,25 @@ FOCAL_SKEW_THRESHOLD = 1.0
 #: 2017's best) at skewness 2, an exponential distribution's.
 FOCAL_GAMMA_MIN = 1.0
 FOCAL_GAMMA_MAX = 3.0
-#: R3: excess kurtosis above which a Barron robust term is added (a Laplace distribution's).
+#: R2: z of the one-sided 95 % lower bound of the skewness (the rule fires only when
+#: the bound exceeds FOCAL_SKEW_THRESHOLD).
+SKEW_Z = 1.6448536269514722
+#: R2: fewest cases for which a tail is judged at all (scipy.stats.skewtest's own limit).
+SKEW_MIN_N = 8
+#: R3: excess kurtosis (after the normalization plan) above which the plan clips tighter
+#: (a Laplace distribution's: tails heavier than exponential).
 KURTOSIS_THRESHOLD = 3.0
-#: R3: alpha0 = 6 / (3 + k), floored here so a learnable alpha starts inside (0, 2).
-BARRON_ALPHA_MIN = 0.1
-#: R3: Barron's range of the learnable shape and its scale on probability residuals.
-BARRON_ALPHA_RANGE = (0.0, 2.0)
-BARRON_SCALE = 0.1
-#: R5: coefficient of variation of the per-slice tumour fraction above which the region
-#: term adapts its weights per region in training (an exponential distribution's CV).
-ADAPT_CV_THRESHOLD = 1.0
+#: R5: median per-case CV of the per-slice tumour fraction (within the tumour's axial
+#: extent) above which the region term adapts its weights per region. One ellipsoidal
+#: tumour has CV 1/sqrt(5) = 0.447 whatever its axes (its cross-section area is
+#: proportional to 1 - t² over the extent); the threshold is twice that: the burden must
+#: vary across slices twice as much as a single compact body's would.
+ADAPT_CV_THRESHOLD = 2.0 / math.sqrt(5.0)
 #: R5: alpha = A + B FP/(FP+FN), beta = A + B FN/(FP+FN) (Chen et al. 2023): 2A + B = 1.
 ADAPT_A = 0.3
 ADAPT_B = 0.4
 #: R5: blocks per spatial axis (a U-Net input is divisible by 2 at every level).
 ADAPT_REGIONS_PER_AXIS = 2
-#: R4: SoftAdapt's beta (Heydari et al. 2019; the thesis' setting).
-SOFTADAPT_BETA = 0.1
 
 
 # ------------------------------------------------------------------ models
@@ -167,6 +176,35 @@ class WeightingConfig(_Frozen):
     reason: str
 
 
+class AdaptationConfig(_Frozen):
+    """Greedy adaptation of one term's parameters during training (Seo et al. 2021).
+
+    Before a training step every combination of ``factors`` over ``params``
+    (``len(factors) ** len(params)`` actions) multiplies the parameters of term ``term``,
+    takes a trial step and measures the L2 norm between the new prediction and the
+    target; the best action is kept (thesis section 5.1; ``pipeline.train.greedy``).
+    ``every``: steps between searches; the thesis searches at every step (1), a larger
+    value trades the fidelity of following the best action at each step for speed (each
+    search costs ``len(factors) ** len(params)`` extra forward-backward passes). The
+    trainer checks that the names are float parameters of that term.
+
+    References
+    ----------
+    .. [1] Seo, H., Bassenne, M., Xing, L. (2021; online 2020). Closing the gap between
+       deep neural network modeling and biomedical decision-making metrics in
+       segmentation via adaptive loss functions. IEEE TMI 40(2), 585-593.
+       doi:10.1109/TMI.2020.3031913
+    """
+
+    method: Literal["greedy"]
+    term: int = Field(ge=0)
+    params: list[str] = Field(min_length=1)
+    factors: list[Annotated[float, Field(gt=0, allow_inf_nan=False)]] = Field(
+        default_factory=lambda: [0.9, 1.0, 1.1], min_length=1)
+    every: int = Field(default=1, ge=1)
+    reason: str
+
+
 @dataclass(frozen=True)
 class Rule:
     """One row of the rule table."""
@@ -190,29 +228,36 @@ RULES: dict[str, Rule] = {
              "Salehi et al. 2017 (arXiv:1706.05721); Milletari et al. 2016 "
              "(arXiv:1606.04797); thesis (Hun 2021) ch. 3.3"),
         Rule("R2", "tumour-size tail", "skewness of tumour volume per case (g1)",
-             f"> {FOCAL_SKEW_THRESHOLD:g}: focal, gamma = clip(skewness, "
+             f"one-sided 95 % lower bound G1 - {SKEW_Z:.3f}·SES(n) > "
+             f"{FOCAL_SKEW_THRESHOLD:g} (n >= {SKEW_MIN_N}): focal, gamma = clip(g1, "
              f"{FOCAL_GAMMA_MIN:g}, {FOCAL_GAMMA_MAX:g}); else BCE",
              {"skewness": FOCAL_SKEW_THRESHOLD, "gamma_min": FOCAL_GAMMA_MIN,
-              "gamma_max": FOCAL_GAMMA_MAX},
-             "Lin et al. 2017 (arXiv:1708.02002); seed 000 (skewness >= 1: highly skewed)"),
+              "gamma_max": FOCAL_GAMMA_MAX, "z": SKEW_Z, "min_n": float(SKEW_MIN_N)},
+             "Lin et al. 2017 (arXiv:1708.02002); seed 000 (skewness >= 1: highly skewed); "
+             "Joanes & Gill 1998 (doi:10.1111/1467-9884.00122)"),
         Rule("R3", "intensity tails",
              "max over channels of the excess kurtosis of brain intensities after the "
-             "chosen transform",
-             f"> {KURTOSIS_THRESHOLD:g}: Barron robust term, learnable alpha from "
-             f"max({BARRON_ALPHA_MIN:g}, 6/(3 + k)); else none",
-             {"kurtosis": KURTOSIS_THRESHOLD, "alpha_min": BARRON_ALPHA_MIN,
-              "scale": BARRON_SCALE},
-             "Barron 2019 (arXiv:1701.03077); seed 000 (leptokurtic: prone to outliers)"),
+             "normalization plan (chosen transform, then 0.5/99.5 percentile clip)",
+             f"> {KURTOSIS_THRESHOLD:g}: that channel is clipped at the first of "
+             f"{', '.join(f'{lo:g}/{hi:g}' for lo, hi in CLIP_LEVELS[1:])} percentiles "
+             f"that brings it to <= {KURTOSIS_THRESHOLD:g} (else the tightest); else none",
+             {"kurtosis": KURTOSIS_THRESHOLD},
+             "seed 000 (leptokurtic: prone to outliers); thesis (Hun 2021) section 6.3 "
+             "(percentile clipping); Isensee et al. 2021 (nnU-Net, doi:10.1038/"
+             "s41592-020-01008-z)"),
         Rule("R5", "region adaptation",
-             "coefficient of variation (std/mean) of the per-slice tumour fraction",
-             f"region term present and CV > {ADAPT_CV_THRESHOLD:g}: adaptive Tversky with "
-             f"A {ADAPT_A:g}, B {ADAPT_B:g}; else fixed weights",
+             "median over cases of the coefficient of variation (std/mean) of the "
+             "per-slice tumour fraction within the tumour's axial extent",
+             f"region term present and CV > {ADAPT_CV_THRESHOLD:.3g} (twice a single "
+             f"ellipsoid's 1/sqrt(5)): adaptive Tversky with A {ADAPT_A:g}, B {ADAPT_B:g}; "
+             f"else fixed weights",
              {"cv": ADAPT_CV_THRESHOLD, "A": ADAPT_A, "B": ADAPT_B,
               "regions_per_axis": float(ADAPT_REGIONS_PER_AXIS)},
              "Chen et al. 2023 (arXiv:2305.08908); seed 000 (region-specific adaptive loss)"),
         Rule("R4", "term weighting", "number of loss terms",
-             "1: static; 2: SoftAdapt (beta 0.1); >= 3: coefficient of variations",
-             {"softadapt_beta": SOFTADAPT_BETA},
+             "1 or 2: static (equal weights); >= 3: coefficient of variations with a "
+             "floor",
+             {},
              "thesis (Hun 2021) eq. 5.2-5.11; Heydari et al. 2019 (arXiv:1912.12355); "
              "Groenendijk et al. 2020 (arXiv:2009.01717)"),
     )
@@ -272,110 +317,227 @@ def imbalance_rule(stats: DatasetStats) -> Decision:
                      f"term (distribution term only)")
 
 
+def skewness_standard_error(n: int) -> float:
+    r"""Standard error of the adjusted sample skewness G1 of n normal values.
+
+    :math:`SES = \sqrt{6n(n-1) / ((n-2)(n+1)(n+3))}` (exact variance of G1 under
+    normality; Joanes & Gill 1998). NaN for n < 3. For skewed populations the true
+    sampling spread is larger, so a bound built on it is a minimum guard, not a
+    guarantee.
+
+    References
+    ----------
+    .. [1] Joanes, D. N., Gill, C. A. (1998). Comparing measures of sample skewness and
+       kurtosis. The Statistician 47(1), 183-189. doi:10.1111/1467-9884.00122
+    """
+    if n < 3:
+        return math.nan
+    return math.sqrt(6.0 * n * (n - 1.0) / ((n - 2.0) * (n + 1.0) * (n + 3.0)))
+
+
+def skewness_lower_bound(g1_adjusted: float, n: int) -> float:
+    """One-sided 95 % lower bound of the population skewness: ``G1 - z * SES(n)``.
+
+    NaN when ``G1`` is NaN or ``n < SKEW_MIN_N``.
+    """
+    if math.isnan(g1_adjusted) or n < SKEW_MIN_N:
+        return math.nan
+    return g1_adjusted - SKEW_Z * skewness_standard_error(n)
+
+
 def volume_tail_rule(stats: DatasetStats) -> Decision:
     """R2: a heavy right tail of tumour volume makes the distribution term focal.
 
-    ``gamma = clip(g1, FOCAL_GAMMA_MIN, FOCAL_GAMMA_MAX)``; NaN skewness (fewer than 3
-    cases, or all volumes equal) keeps BCE.
+    Fires when the one-sided 95 % lower bound of the population skewness,
+    ``G1 - 1.645 SES(n)`` (`skewness_lower_bound`), exceeds `FOCAL_SKEW_THRESHOLD`: the
+    tail must be *known* to be heavier than the threshold at the dataset's n. With 8
+    cases from a population of skewness 1.8 the sample skewness is often below 1 and
+    sometimes far above it; a rule on the point estimate is then a coin weighted by n.
+    (Being distinguishable from 0 is implied: the bound exceeds 1.)
+    ``gamma = clip(g1, FOCAL_GAMMA_MIN, FOCAL_GAMMA_MAX)``; undefined skewness (fewer
+    than 3 cases, all volumes equal) and n < `SKEW_MIN_N` keep BCE.
     """
     m = _label(stats, "tumour_volume_ml").moments
-    s = float(m.skewness)
-    what = f"skewness of tumour volume per case {s:.3g} (n={m.n})"
-    if s > FOCAL_SKEW_THRESHOLD:
+    s, n = float(m.skewness), int(m.n)
+    big_g1 = float(m.skewness_unbiased)
+    low = skewness_lower_bound(big_g1, n)
+    what = (f"skewness of tumour volume per case {s:.3g} (n={n}; adjusted G1 {big_g1:.3g}, "
+            f"95 % lower bound {low:.3g})")
+    if low > FOCAL_SKEW_THRESHOLD:
         gamma = min(max(s, FOCAL_GAMMA_MIN), FOCAL_GAMMA_MAX)
         return _decision("R2", s, True, "focal",
-                         f"{what} > {FOCAL_SKEW_THRESHOLD:g}: focal distribution term, gamma "
-                         f"= clip({s:.3g}, {FOCAL_GAMMA_MIN:g}, {FOCAL_GAMMA_MAX:g}) = "
-                         f"{gamma:.3g}",
-                         {"gamma": round(gamma, 4)})
-    why = "undefined" if math.isnan(s) else f"<= {FOCAL_SKEW_THRESHOLD:g}"
-    return _decision("R2", s, False, "bce", f"{what} {why}: BCE distribution term")
+                         f"{what}: lower bound > {FOCAL_SKEW_THRESHOLD:g}, the tail is heavy "
+                         f"at this n: focal distribution term, gamma = clip({s:.3g}, "
+                         f"{FOCAL_GAMMA_MIN:g}, {FOCAL_GAMMA_MAX:g}) = {gamma:.3g}",
+                         {"gamma": round(gamma, 4), "lower_bound": round(low, 4)})
+    if math.isnan(s):
+        why = "undefined"
+    elif n < SKEW_MIN_N:
+        why = f"too few cases to tell a tail (n < {SKEW_MIN_N})"
+    else:
+        why = f"lower bound <= {FOCAL_SKEW_THRESHOLD:g}: no heavy tail shown at n={n}"
+    params: dict[str, Param] = {} if math.isnan(low) else {"lower_bound": round(low, 4)}
+    return _decision("R2", s, False, "bce", f"{what}: {why}: BCE distribution term", params)
 
 
-def _brain_kurtosis(stats: DatasetStats) -> dict[str, tuple[float, str]]:
-    """Channel → (excess kurtosis of brain intensities after the chosen transform, name)."""
-    out: dict[str, tuple[float, str]] = {}
-    for ch in stats.channels:
-        regions = stats.intensity.get(ch, {})
-        if "brain" not in regions:
-            raise ValueError(f"statistics of {stats.dataset!r}: field "
-                             f"intensity.{ch}.brain is missing")
-        dist = regions["brain"]
-        chosen = select(dist).chosen
-        m: Moments = dist.candidates.get(chosen, dist.moments)
-        out[ch] = (float(m.kurtosis), chosen)
-    return out
+def _brain(stats: DatasetStats, ch: str) -> Distribution:
+    regions = stats.intensity.get(ch, {})
+    if "brain" not in regions:
+        raise ValueError(f"statistics of {stats.dataset!r}: field intensity.{ch}.brain is "
+                         f"missing")
+    return regions["brain"]
+
+
+def seen_by_network(stats: DatasetStats, ch: str,
+                    percentiles: tuple[float, float] = CLIP_LEVELS[0]) -> SeenMoments | None:
+    """Moments of channel ``ch`` after its transform and the percentile clip, or None when
+    the statistics carry no histogram (written before it was kept)."""
+    dist = _brain(stats, ch)
+    if dist.histogram is None:
+        return None
+    return seen_moments(dist.histogram, select(dist).transform(), percentiles)
 
 
 def intensity_tail_rule(stats: DatasetStats) -> Decision:
-    """R3: heavy-tailed intensities (on the scale the network sees) add a Barron term.
+    """R3: intensities that stay heavy-tailed after the plan's clip are clipped tighter.
 
-    The kurtosis is that of the brain intensities after the transform `select` chooses
-    for the channel (the normalization plan applies it), maximised over channels.
-    ``alpha0 = max(BARRON_ALPHA_MIN, 6 / (3 + k))``: 2 (L2) for k = 0, 1 (pseudo-Huber)
-    for a Laplace tail (k = 3), towards 0 (Cauchy) as k grows.
+    The kurtosis is measured on what the network sees: the brain intensities after the
+    transform `select` chooses for the channel and the 0.5/99.5 percentile clip
+    (`stats.seen`), maximised over channels. A channel above `KURTOSIS_THRESHOLD` gets
+    the first clip of `CLIP_LEVELS` that brings its kurtosis to the threshold or below
+    (the tightest if none does); the outcome's ``params`` map each such channel to its
+    ``[low, high]`` percentiles, which the manifest's normalization plan uses.
+
+    Heavy input tails are an input problem, answered at the input: a robust term on the
+    network's *output* residual (Barron's loss on probabilities, this rule's earlier
+    outcome) bounds the gradient of confidently wrong voxels, which works against the
+    imbalance and tail rules, and it does not see the intensities at all.
+
+    Statistics without histograms (older files) fall back to the unclipped kurtosis after
+    the chosen transform, and say so.
     """
-    per_channel = _brain_kurtosis(stats)
+    per_channel: dict[str, tuple[float, str, bool]] = {}
+    for ch in stats.channels:
+        dist = _brain(stats, ch)
+        chosen = select(dist).chosen
+        seen = seen_by_network(stats, ch)
+        if seen is not None:
+            per_channel[ch] = (seen.kurtosis, chosen, True)
+        else:
+            m: Moments = dist.candidates.get(chosen, dist.moments)
+            per_channel[ch] = (float(m.kurtosis), chosen, False)
     defined = {ch: v for ch, v in per_channel.items() if not math.isnan(v[0])}
     if not defined:
         return _decision("R3", math.nan, False, "none",
                          "excess kurtosis of brain intensities undefined in every channel: "
-                         "no robust term")
+                         "the plan keeps the 0.5/99.5 percentile clip")
     ch = max(defined, key=lambda c: defined[c][0])
-    k, chosen = defined[ch]
-    what = f"max excess kurtosis of brain intensities {k:.3g} ({ch}, after {chosen})"
-    if k > KURTOSIS_THRESHOLD:
-        alpha0 = max(BARRON_ALPHA_MIN, 6.0 / (3.0 + k))
-        return _decision("R3", k, True, "barron",
-                         f"{what} > {KURTOSIS_THRESHOLD:g}: Barron robust term added, "
-                         f"learnable alpha starting at max({BARRON_ALPHA_MIN:g}, 6/(3+k)) = "
-                         f"{alpha0:.3g}",
-                         {"alpha": round(alpha0, 4), "channel": ch})
-    return _decision("R3", k, False, "none",
-                     f"{what} <= {KURTOSIS_THRESHOLD:g}: tails no heavier than Laplace, no "
-                     f"robust term")
+    k, chosen, clipped = defined[ch]
+    where = (f"after {chosen} and the {CLIP_LEVELS[0][0]:g}/{CLIP_LEVELS[0][1]:g} clip"
+             if clipped else f"after {chosen}, unclipped: these statistics have no histogram")
+    what = f"max excess kurtosis of brain intensities {k:.3g} ({ch}, {where})"
+    if k <= KURTOSIS_THRESHOLD:
+        return _decision("R3", k, False, "none",
+                         f"{what} <= {KURTOSIS_THRESHOLD:g}: tails no heavier than Laplace, "
+                         f"the plan keeps the {CLIP_LEVELS[0][0]:g}/{CLIP_LEVELS[0][1]:g} "
+                         f"percentile clip")
+    params: dict[str, Param] = {}
+    parts = []
+    for c, (kc, _, has_hist) in defined.items():
+        if kc <= KURTOSIS_THRESHOLD or not has_hist:
+            continue
+        level, k_at = CLIP_LEVELS[-1], math.nan
+        for lv in CLIP_LEVELS[1:]:
+            seen = seen_by_network(stats, c, lv)
+            k_at = math.nan if seen is None else seen.kurtosis
+            if not k_at > KURTOSIS_THRESHOLD:
+                level = lv
+                break
+        params[c] = [level[0], level[1]]
+        parts.append(f"{c} clipped at {level[0]:g}/{level[1]:g} (kurtosis {kc:.3g} -> "
+                     f"{k_at:.3g})")
+    if not params:  # only the no-histogram fallback was heavy: nothing to clip with
+        return _decision("R3", k, False, "none",
+                         f"{what} > {KURTOSIS_THRESHOLD:g}, but without histograms the "
+                         f"tighter clip cannot be measured; the plan keeps 0.5/99.5")
+    return _decision("R3", k, True, "clip",
+                     f"{what} > {KURTOSIS_THRESHOLD:g}: tails heavier than Laplace reach "
+                     f"the network; {'; '.join(parts)}", params)
+
+
+def slice_burden_cv(slice_fractions: Sequence[float]) -> float:
+    """CV (population std / mean) of one case's per-slice tumour fraction over the
+    tumour's axial extent (first to last slice that carries tumour, gaps included).
+
+    NaN when the case has no tumour. One ellipsoid gives 1/sqrt(5) for any axes; gaps
+    between foci and uneven burden raise it.
+    """
+    f = np.asarray(slice_fractions, dtype=np.float64)
+    nz = np.flatnonzero(f > 0)
+    if nz.size == 0:
+        return math.nan
+    span = f[nz[0]: nz[-1] + 1]
+    mean = float(span.mean())
+    return float(span.std()) / mean
 
 
 def adaptation_rule(stats: DatasetStats, region_term: str) -> Decision:
-    """R5: heterogeneous tumour burden across slices makes the region weights adaptive.
+    """R5: tumour burden that varies across slices makes the region weights adaptive.
+
+    Measured per case over the tumour's axial extent (`slice_burden_cv`), so that the
+    tumour-free slices of the brain do not count: over all brain slices a perfectly
+    uniform tumour covering a share q of them has CV sqrt((1 - q)/q), above 1 for any
+    q < 0.5, and the rule fired on almost every dataset. The dataset's value is the
+    median over cases with tumour.
 
     Parameters
     ----------
     region_term : str
         R1's outcome (``"tversky"``, ``"dice"`` or ``"none"``).
     """
-    m = _label(stats, "tumour_fraction_slice").moments
-    mean, std = float(m.mean), float(m.std)
-    cv = std / mean if mean > 0 and math.isfinite(std) else math.nan
-    what = f"coefficient of variation of per-slice tumour fraction {cv:.3g} (n={m.n})"
+    cvs = [slice_burden_cv(c.slice_fractions) for c in stats.per_case.values()]
+    cvs = [v for v in cvs if not math.isnan(v)]
+    cv = float(np.median(cvs)) if cvs else math.nan
+    what = (f"median over {len(cvs)} cases of the CV of per-slice tumour fraction within "
+            f"the tumour's extent {cv:.3g}")
     if region_term == "none":
         return _decision("R5", cv, False, "none", f"{what}; no region term: nothing to adapt")
     if cv > ADAPT_CV_THRESHOLD:
         return _decision("R5", cv, True, "adaptive_tversky",
-                         f"{what} > {ADAPT_CV_THRESHOLD:g}: {region_term} replaced by adaptive "
-                         f"Tversky, alpha = {ADAPT_A:g} + {ADAPT_B:g}·FP/(FP+FN), beta = "
-                         f"{ADAPT_A:g} + {ADAPT_B:g}·FN/(FP+FN) in {ADAPT_REGIONS_PER_AXIS} "
-                         f"blocks per axis",
+                         f"{what} > {ADAPT_CV_THRESHOLD:.3g}: {region_term} replaced by "
+                         f"adaptive Tversky, alpha = {ADAPT_A:g} + {ADAPT_B:g}·FP/(FP+FN), "
+                         f"beta = {ADAPT_A:g} + {ADAPT_B:g}·FN/(FP+FN) in "
+                         f"{ADAPT_REGIONS_PER_AXIS} blocks per axis",
                          {"A": ADAPT_A, "B": ADAPT_B,
                           "regions_per_axis": ADAPT_REGIONS_PER_AXIS})
-    why = "undefined (no tumour)" if math.isnan(cv) else f"<= {ADAPT_CV_THRESHOLD:g}"
+    why = "undefined (no tumour)" if math.isnan(cv) else f"<= {ADAPT_CV_THRESHOLD:.3g}"
     return _decision("R5", cv, False, "fixed",
                      f"{what} {why}: {region_term} keeps fixed weights")
 
 
 def weighting_rule(n_terms: int) -> Decision:
-    """R4: one term static, two SoftAdapt, three or more coefficient of variations."""
+    """R4: one or two terms static (equal weights), three or more coefficient of
+    variations with a floor.
+
+    Two terms of the same scale (a region term and a distribution term, both in [0, 1]
+    at the start) are weighted equally, as Dice + CE is in nnU-Net: SoftAdapt on raw
+    step differences did not adapt at all (weights within 0.494-0.507 over 200 steps),
+    and the thesis found adaptive weighting helped only sporadically (Hun 2021, section
+    8.5). The evidence study keeps SoftAdapt as an ablation. Three or more terms of
+    different scales get the coefficient-of-variations weighting, whose floor
+    (`pipeline.train.weighting`) keeps a stalled term from being switched off.
+    """
     if n_terms < 1:
         raise ValueError(f"weighting_rule: need at least one loss term, got {n_terms!r}")
     what = f"{n_terms} loss term{'s' if n_terms > 1 else ''}"
     if n_terms == 1:
         return _decision("R4", float(n_terms), False, "static", f"{what}: static weighting")
     if n_terms == 2:
-        return _decision("R4", float(n_terms), True, "softadapt",
-                         f"{what}: SoftAdapt weighting (beta={SOFTADAPT_BETA:g})",
-                         {"beta": SOFTADAPT_BETA})
+        return _decision("R4", float(n_terms), False, "static",
+                         f"{what}: equal static weights (as Dice + CE); adaptive weighting "
+                         f"is not chosen for two terms of one scale")
     return _decision("R4", float(n_terms), True, "cov",
-                     f"{what}: coefficient-of-variations weighting")
+                     f"{what}: coefficient-of-variations weighting (with its floor)")
 
 
 # ------------------------------------------------------------------ assembly
@@ -386,13 +548,15 @@ class LossPlan:
     terms: tuple[LossTerm, ...]
     weighting: WeightingConfig
     decisions: tuple[Decision, ...]
+    adaptation: AdaptationConfig | None = None
 
 
 def decide_loss(stats: DatasetStats) -> LossPlan:
     """Run R1, R2, R3, R5, then R4, and assemble the loss terms.
 
-    Terms, in order: the region term (R1, possibly made adaptive by R5), the distribution
-    term (R2, always present), the robust term (R3). Each has weight 1; the weighting
+    Terms, in order: the region term (R1, possibly made adaptive by R5) and the
+    distribution term (R2, always present). R3 adds no term: its outcome sets the
+    normalization plan's clip (`stats.manifest`). Each term has weight 1; the weighting
     (R4) balances them in training. Region terms leave out the background channel
     (``include_background=False``): under imbalance its overlap is near 1 and would
     dilute the foreground's.
@@ -410,14 +574,9 @@ def decide_loss(stats: DatasetStats) -> LossPlan:
         terms.append(LossTerm(name=r1.outcome,  # type: ignore[arg-type]
                               params={**r1.params, "include_background": False},
                               reason=f"R1: {r1.text}; R5: {r5.text}"))
-    terms.append(LossTerm(name=r2.outcome, params=dict(r2.params),  # type: ignore[arg-type]
+    loss_params = {k: v for k, v in r2.params.items() if k == "gamma"}  # not lower_bound
+    terms.append(LossTerm(name=r2.outcome, params=loss_params,  # type: ignore[arg-type]
                           reason=f"R2: {r2.text}"))
-    if r3.outcome == "barron":
-        terms.append(LossTerm(
-            name="barron",
-            params={"alpha": r3.params["alpha"], "scale": BARRON_SCALE, "learnable": True,
-                    "alpha_range": list(BARRON_ALPHA_RANGE)},
-            reason=f"R3: {r3.text}"))
     r4 = weighting_rule(len(terms))
     weighting = WeightingConfig(method=r4.outcome, params=dict(r4.params),  # type: ignore[arg-type]
                                 reason=f"R4: {r4.text}")

@@ -47,6 +47,22 @@ class Moments(_Frozen):
     maximum: NanFloat
 
 
+class Histogram(_Frozen):
+    """A dense fixed-edge histogram: ``bins`` equal bins over ``[low, high]``.
+
+    ``underflow`` counts values below ``low`` (for intensities, whose lower edge is 0:
+    the negative values), ``overflow`` values above ``high``. Kept for the brain region of
+    each channel so that what the network sees (transform, then percentile clip) can be
+    measured after the fact (`stats.seen`).
+    """
+
+    low: float
+    high: float
+    counts: list[int]
+    underflow: int = Field(default=0, ge=0)
+    overflow: int = Field(default=0, ge=0)
+
+
 class Distribution(_Frozen):
     """One measured distribution, with the moments of each candidate transform of it.
 
@@ -66,6 +82,8 @@ class Distribution(_Frozen):
         same pass as the raw moments (the transform's parameters are in `transforms`).
     transforms : dict
         Candidate name → its parameters (offset, scale) as applied.
+    histogram : Histogram, optional
+        The merged fixed-edge histogram of the raw values (intensity, brain region).
     """
 
     name: str
@@ -75,6 +93,7 @@ class Distribution(_Frozen):
     percentiles: dict[str, NanFloat] = Field(default_factory=dict)
     candidates: dict[str, Moments] = Field(default_factory=dict)
     transforms: dict[str, dict[str, float | str]] = Field(default_factory=dict)
+    histogram: Histogram | None = None
 
 
 class CaseLabelStats(_Frozen):

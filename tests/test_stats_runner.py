@@ -91,12 +91,15 @@ class TestAgainstScipy:
                     (d.moments.kurtosis_unbiased, scipy.stats.kurtosis(x, bias=False)),
                 ]:
                     assert abs(ours - ref) <= 1e-9 * max(1.0, abs(ref)), (ch, region, ours, ref)
-                ln = np.log(x + 1.0)
+                # ln offset: the channel's largest value over the dataset (recorded at
+                # ingest) times 2^-10 (issue 10: unit-invariant candidates)
+                c = max(float(a["image"][ci].max()) for a in cases.values()) * 2.0**-10
+                ln = np.log(x + c)
                 cand = d.candidates["ln"]
                 assert abs(cand.skewness - scipy.stats.skew(ln)) <= 1e-9 * max(1, abs(cand.skewness))
                 log10 = d.candidates["log10"]
                 assert abs(log10.skewness - cand.skewness) <= 1e-9
-                assert abs(log10.mean - np.log10(x + 1.0).mean()) <= 1e-9 * max(1, abs(log10.mean))
+                assert abs(log10.mean - np.log10(x + c).mean()) <= 1e-9 * max(1, abs(log10.mean))
 
     def test_percentiles_within_one_bin_of_numpy(self, store_with_cases):
         url, _, cases = store_with_cases
@@ -155,15 +158,33 @@ class TestIncremental:
     def test_changed_case_is_recomputed(self, store_with_cases):
         url, store, cases = store_with_cases
         run_stats(url, "ds", scheduler="synchronous")
-        changed = dict(cases["c1"])
+        # a case that holds no channel's maximum: halving it leaves the transforms' scale
+        # (the channel maxima) unchanged, so only this case is recomputed
+        top = np.max([a["image"].reshape(a["image"].shape[0], -1).max(axis=1)
+                      for a in cases.values()], axis=0)
+        cid = next(c for c, a in cases.items()
+                   if np.all(a["image"].reshape(a["image"].shape[0], -1).max(axis=1) < top))
+        changed = dict(cases[cid])
         changed["image"] = changed["image"] * 0.5
-        _commit(store, "c1", changed, "hash-c1-v2")
+        _commit(store, cid, changed, f"hash-{cid}-v2")
         seen = []
         stats = run_stats(url, "ds", scheduler="synchronous", on_done=seen.append)
-        assert seen == ["c1"]
-        x = np.concatenate([a["image"][0][a["brain"]].astype(np.float64)
-                            for a in (cases["c0"], changed, cases["c2"])])
+        assert seen == [cid]
+        x = np.concatenate([(changed if c == cid else a)["image"][0][a["brain"]]
+                            .astype(np.float64) for c, a in sorted(cases.items())])
         assert stats.intensity["t1n"]["brain"].moments.mean == pytest.approx(x.mean(), rel=1e-12)
+
+    def test_issue10_a_new_channel_maximum_recomputes_every_case(self, store_with_cases):
+        # the candidate transforms are scaled by the channel maximum (unit invariance), so
+        # their per-case moments depend on it: moving the maximum recomputes every case
+        url, store, cases = store_with_cases
+        run_stats(url, "ds", scheduler="synchronous")
+        changed = dict(cases["c1"])
+        changed["image"] = changed["image"] * 3.0
+        _commit(store, "c1", changed, "hash-c1-v3")
+        seen = []
+        run_stats(url, "ds", scheduler="synchronous", on_done=seen.append)
+        assert sorted(seen) == sorted(cases)
 
 
 def test_json_round_trip_with_nan(store_with_cases, tmp_path):
