@@ -10,8 +10,14 @@ optimistic choice on the validation data).
 
 Checkpoints: ``<fold_dir>/last.pt`` after every epoch holds only tensors and plain Python
 values (model, optimizer, scheduler, scaler, loss parameters, the weighting state, the
-history, the RNG state), so it loads with ``torch.load(weights_only=True)``. A fold whose
-``result.json`` exists is complete and is not retrained on resume.
+history, the RNG state, the greedily adapted loss parameters), so it loads with
+``torch.load(weights_only=True)``. A fold whose ``result.json`` exists is complete and is
+not retrained on resume.
+
+A manifest loss with an ``adaptation`` (Seo et al.'s greedy parameter search, thesis 5.1)
+has ``pipeline.train.greedy.greedy_search`` run before the training step whenever the
+fold's global step ``epoch * batches_per_epoch + step`` (0-based) is a multiple of
+``adaptation.every``; the step is then taken with the chosen parameters.
 """
 
 from __future__ import annotations
@@ -39,6 +45,7 @@ from pipeline.train.data import (
     ValidationCases,
     n_output_channels,
 )
+from pipeline.train.greedy import greedy_search
 from pipeline.train.losses import ManifestLoss, build_loss
 from pipeline.train.losses.region import AdaptiveTverskyLoss
 from pipeline.train.metrics import segmentation_metrics
@@ -349,9 +356,14 @@ class FoldResult:
     """What one (loss, fold) run produced.
 
     ``history``: one dict per epoch (``epoch``, ``lr``, ``train_loss``, ``components``,
-    ``weights``, ``alpha``, ``beta``, and on validation epochs ``val_loss``,
-    ``val_dice``); ``cases``: final per-case metrics; ``train_seconds`` and
-    ``voxels_per_s``: training time and throughput (validation excluded).
+    ``weights``, ``alpha``, ``beta``, with a greedy adaptation ``adapted``, and on
+    validation epochs ``val_loss``, ``val_dice``); ``cases``: final per-case metrics;
+    ``train_seconds`` and ``voxels_per_s``: training time and throughput (validation
+    excluded). Values are epoch means over the training steps. ``alpha`` and ``beta``
+    are those of the adaptive Tversky term; without one, those of the greedily adapted
+    term when it has ``alpha`` and ``beta`` and adapts either (so the plots of the
+    adaptive loss show the greedy trajectory); else None. ``adapted``: the adapted
+    parameters ``{name: mean}`` used by the steps (after each step's search).
     """
 
     loss: str
@@ -440,6 +452,8 @@ def train_fold(store_url: str, dataset: str, fold: Fold, loss_name: str,
             scaler.load_state_dict(state["scaler"])
         loss_fn.load_state_dict(state["loss"])
         _restore_weighting(loss_fn, state["weighting"])
+        if state.get("adaptation") and isinstance(loss_fn, ManifestLoss):
+            loss_fn.set_adapted_values(state["adaptation"])
         history = list(state["history"])
         start_epoch = int(state["epoch"]) + 1
         train_seconds, voxels = float(state["train_seconds"]), int(state["voxels"])
@@ -454,6 +468,19 @@ def train_fold(store_url: str, dataset: str, fold: Fold, loss_name: str,
                          batch_size=None, workers=min(cfg.workers, len(fold.val)), device=device)
     tversky = adaptive_tversky_terms(loss_fn)
     term_names = tuple(loss_fn.term_names) if isinstance(loss_fn, ManifestLoss) else ()
+    greedy = loss_fn if isinstance(loss_fn, ManifestLoss) and loss_fn.adaptation else None
+    adaptation = greedy.adaptation if greedy is not None else None
+    greedy_tversky = None  # a greedily adapted term with alpha and beta: logged as those
+    if greedy is not None and adaptation is not None and not tversky and (
+            {"alpha", "beta"} & set(adaptation.params)):
+        term = greedy.terms[adaptation.term]
+        if all(isinstance(getattr(term, k, None), float) for k in ("alpha", "beta")):
+            greedy_tversky = term
+
+    def autocast() -> torch.autocast:
+        return torch.autocast(device.type, dtype=amp.dtype or torch.float32,
+                              enabled=amp.dtype is not None)
+
     cases: list[dict[str, Any]] = []
     overlays: dict[str, np.ndarray] = {}
 
@@ -463,14 +490,18 @@ def train_fold(store_url: str, dataset: str, fold: Fold, loss_name: str,
         loader = _loader(train_ds, batch_size=cfg.batch_size, workers=cfg.workers, device=device)
         lr = optimizer.param_groups[0]["lr"]
         values, comps, weights, alphas, betas = [], [], [], [], []
+        adapted: list[dict[str, float]] = []
         t0 = time.perf_counter()
         for step, batch in enumerate(loader):
             x = batch["image"].to(device, non_blocking=True)
             y = batch["target"].to(device, non_blocking=True)
             extras = ({"distance_map": batch["distance_map"].to(device, non_blocking=True)}
                       if use_dm else {})
-            with torch.autocast(device.type, dtype=amp.dtype or torch.float32,
-                                enabled=amp.dtype is not None):
+            if greedy is not None and adaptation is not None and (
+                    epoch * cfg.batches_per_epoch + step) % adaptation.every == 0:
+                greedy_search(model, greedy, optimizer, x, y, extras=extras,
+                              scaler=scaler if amp.scaler else None, autocast=autocast)
+            with autocast():
                 logits = model(x)
             loss = loss_fn(logits.float(), y, **extras)
             value = float(loss.detach())
@@ -491,6 +522,11 @@ def train_fold(store_url: str, dataset: str, fold: Fold, loss_name: str,
                     a, b = module.weights(logits.detach().float(), y)
                 alphas.append(float(a.mean()))
                 betas.append(float(b.mean()))
+            if greedy is not None:
+                adapted.append(greedy.adapted_values())
+            if greedy_tversky is not None:
+                alphas.append(float(greedy_tversky.alpha))
+                betas.append(float(greedy_tversky.beta))
             if progress:
                 progress({"kind": "step", "loss": loss_name, "fold": fold.index, "epoch": epoch,
                           "step": step + 1, "steps": cfg.batches_per_epoch, "value": value})
@@ -504,6 +540,9 @@ def train_fold(store_url: str, dataset: str, fold: Fold, loss_name: str,
             "alpha": float(np.mean(alphas)) if alphas else None,
             "beta": float(np.mean(betas)) if betas else None,
         }
+        if adaptation is not None:
+            record["adapted"] = {p: float(np.mean([a[p] for a in adapted]))
+                                 for p in adaptation.params}
         last = epoch + 1 == cfg.epochs
         if last or (epoch + 1) % cfg.val_every == 0:
             cases, val_loss, overlays = evaluate(
@@ -517,6 +556,8 @@ def train_fold(store_url: str, dataset: str, fold: Fold, loss_name: str,
             "scheduler": scheduler.state_dict(),
             "scaler": scaler.state_dict() if amp.scaler else {},
             "loss": loss_fn.state_dict(), "weighting": _weighting_state(loss_fn),
+            "adaptation": (loss_fn.adapted_values() if isinstance(loss_fn, ManifestLoss)
+                           else {}),
             "history": history, "train_seconds": train_seconds, "voxels": voxels,
             "rng": torch.get_rng_state(),
         })

@@ -10,8 +10,8 @@ Methods (``build_weighting(method, n_terms, params)``)
 ------------------------------------------------------
 ``"static"``      fixed weights (``Static``)
 ``"rebalance"``   linear schedule of two weights (``Rebalance``, eq. 5.3)
-``"softadapt"``   SoftAdapt, plain or loss-weighted (``SoftAdapt``, eq. 5.4-5.5)
-``"cov"``         coefficient of variations with Welford updates (``CoVWeighting``, eq. 5.6-5.11)
+``"softadapt"``   SoftAdapt on windowed, normalized slopes (``SoftAdapt``, eq. 5.4-5.5)
+``"cov"``         coefficient of variations, Welford updates, a floor (``CoVWeighting``, eq. 5.6-5.11)
 
 Equation numbers refer to Hun, A. (2021), Loss functions for medical image segmentation
 (thesis), chapter 5.
@@ -141,75 +141,157 @@ class Rebalance:
 
 
 class SoftAdapt:
-    """SoftAdapt: softmax of the loss slopes.
+    """SoftAdapt: softmax of the (normalized) loss slopes over a recent window.
 
     Parameters
     ----------
     n_terms : int
-    beta : float, default 0.1
+    beta : float, default 3.0
         beta > 0 favours the term that decreases slowest (or grows), beta < 0 the one
-        that decreases fastest, beta = 0 gives equal weights.
+        that decreases fastest, beta = 0 gives equal weights (plain variant). With
+        normalized slopes (``|ns_i| <= 1`` and ``sum_i |ns_i| = 1``) any two normalized
+        slopes differ by at most 1, so beta bounds the ratio of two weights of the plain
+        variant: ``w_i / w_j <= exp(beta)``. The default 3 lets that ratio reach
+        ``e^3 ~ 20``: with two terms the weights range over ``[0.047, 0.953]``, so a
+        stalled term next to a decreasing one gets about 0.95 of the total (the weights
+        move), yet the other term keeps about 0.05 of it. Heydari's reference code
+        defaults to 0.1, which on normalized slopes confines two weights to
+        ``[0.475, 0.525]``, i.e. does not adapt; values of 5-10 let the weights reach
+        0.993-0.99995 and, with noisy mini-batch slopes, flip a term on and off from one
+        step to the next.
+    window : int >= 2, default 5
+        Number of most recent values (this step's included) the slope is fitted to.
+        ``window=2`` gives Heydari's first-order difference ``L_t - L_{t-1}``.
     variant : {"plain", "loss_weighted"}, default "plain"
         ``"plain"``: eq. 5.4, ``w_i = exp(beta s_i) / sum_l exp(beta s_l)``;
         ``"loss_weighted"``: eq. 5.5, ``w_i = L_i exp(beta s_i) / sum_l L_l exp(beta s_l)``
-        (values must be >= 0).
+        with ``L_i`` this step's value (values must be >= 0).
+    normalize : bool, default True
+        Use Heydari's normalized slopes ``ns_i = s_i / sum_j |s_j|`` (``ns = 0`` when every
+        slope is 0) in place of ``s_i``, so that the softmax sees values in [-1, 1] and
+        beta means the same whatever the losses' scale.
+
+    Raises
+    ------
+    ValueError
+        For a non-finite beta, a window that is not an int >= 2, or an unknown variant.
 
     Notes
     -----
-    ``s_t^i = L_t^i - L_{t-1}^i`` (Heydari's first-order difference); at the first step
-    ``s = 0``. The softmax is evaluated with the maximum subtracted. In the loss-weighted
-    variant all-zero values give equal weights.
+    The slope ``s_i`` of term i at step t is the least-squares slope of the line through
+    the last ``k = min(t, window)`` values ``L_{t-k+1}, ..., L_t`` against their step
+    indices ``0, ..., k-1``:
+
+    ``s = sum_j (j - jbar) L_j / sum_j (j - jbar)^2``, ``jbar = (k - 1) / 2``,
+
+    the first-order difference for k = 2 (Heydari's ``s_t = L_t - L_{t-1}``) and a
+    smoother estimate than a single difference or the paper's higher-order forward
+    differences when mini-batch losses are noisy (the fitted line averages the noise of
+    all k points; a higher-order finite difference amplifies it). At the first step
+    ``s = 0`` (equal weights in the plain variant). The softmax is evaluated with the
+    maximum subtracted. In the loss-weighted variant all-zero values give equal weights.
+
+    Invariances (plain variant, ``normalize=True``): multiplying every term's values by
+    one factor c > 0 leaves the weights unchanged (the slopes scale by c, the normalized
+    slopes do not); adding a constant to one term's values leaves them unchanged (slopes
+    do not see offsets). Multiplying *one* term's values by c does change them (that
+    term's share of ``sum_j |s_j|`` changes), unless the other slopes are all 0. The
+    loss-weighted variant keeps the common-scale invariance only.
 
     References
     ----------
     .. [1] Heydari, A. A., Thompson, C. A., Mehmood, A. (2019). SoftAdapt: techniques for
        adaptive loss weighting of neural networks with multi-part loss functions.
-       arXiv:1912.12355
+       arXiv:1912.12355 (section 3: normalized slopes, loss-weighted variant).
+    .. [2] Hun, A. (2021). Loss functions for medical image segmentation (thesis),
+       eq. 5.4-5.5.
+
+    Examples
+    --------
+    A term that stalls next to one that keeps decreasing gets most of the weight:
+
+    >>> sa = SoftAdapt(2)
+    >>> for t in range(5):
+    ...     w = sa.update([0.98, 1.0 - 0.05 * t])
+    >>> round(w[0], 3)
+    0.953
     """
 
     def __init__(
         self,
         n_terms: int,
         *,
-        beta: float = 0.1,
+        beta: float = 3.0,
+        window: int = 5,
         variant: Literal["plain", "loss_weighted"] = "plain",
+        normalize: bool = True,
     ) -> None:
         self.n_terms = _check_n_terms(n_terms)
         if isinstance(beta, bool) or not isinstance(beta, (int, float)) or not math.isfinite(beta):
             raise ValueError(f"beta must be a finite number, got {beta!r}")
+        if isinstance(window, bool) or not isinstance(window, int) or window < 2:
+            raise ValueError(f"window must be an int >= 2, got {window!r}")
         if variant not in ("plain", "loss_weighted"):
             raise ValueError(f"variant must be 'plain' or 'loss_weighted', got {variant!r}")
-        self.beta, self.variant = float(beta), variant
-        self.previous: list[float] | None = None
+        if not isinstance(normalize, bool):
+            raise ValueError(f"normalize must be True or False, got {normalize!r}")
+        self.beta, self.window, self.variant = float(beta), window, variant
+        self.normalize = normalize
+        #: The last ``window`` value vectors, oldest first (plain lists: checkpointable).
+        self.history: list[list[float]] = []
+        self.slopes: list[float] = [0.0] * n_terms
         self.step = 0
         self.weights: tuple[float, ...] = (1.0 / n_terms,) * n_terms
 
+    def _fit_slopes(self) -> list[float]:
+        k = len(self.history)
+        if k < 2:
+            return [0.0] * self.n_terms
+        centre = (k - 1) / 2
+        sxx = sum((j - centre) ** 2 for j in range(k))
+        return [
+            sum((j - centre) * row[i] for j, row in enumerate(self.history)) / sxx
+            for i in range(self.n_terms)
+        ]
+
     def update(self, values: Sequence[float]) -> tuple[float, ...]:
         vals = _check_values(values, self.n_terms, nonnegative=self.variant == "loss_weighted")
-        slopes = (
-            [0.0] * self.n_terms
-            if self.previous is None
-            else [v - p for v, p in zip(vals, self.previous, strict=True)]
-        )
-        top = max(self.beta * s for s in slopes)
-        e = [math.exp(self.beta * s - top) for s in slopes]
+        self.history = [*self.history, vals][-self.window :]
+        self.slopes = self._fit_slopes()
+        s = self.slopes
+        if self.normalize:
+            scale = sum(abs(x) for x in s)
+            s = [x / scale for x in s] if scale > 0 else [0.0] * self.n_terms
+        top = max(self.beta * x for x in s)
+        e = [math.exp(self.beta * x - top) for x in s]
         if self.variant == "loss_weighted":
             e = [v * x for v, x in zip(vals, e, strict=True)]
         total = sum(e)
         self.weights = (
             tuple(x / total for x in e) if total > 0 else (1.0 / self.n_terms,) * self.n_terms
         )
-        self.previous = vals
         self.step += 1
         return self.weights
 
 
 class CoVWeighting:
-    """Coefficient-of-variations weighting with Welford running statistics.
+    """Coefficient-of-variations weighting with Welford running statistics and a floor.
 
     Parameters
     ----------
     n_terms : int
+    min_weight : float in [0, 1 / n_terms] or None, default None
+        The floor ``f``: every weight is at least ``f`` (a share of the total, the weights
+        summing to 1). None gives ``0.5 / n_terms``: no term's weight falls below half its
+        static share ``1 / n_terms``, so a term a rule chose can never be switched off (a
+        stalled term, whose ratio barely varies, otherwise gets ``c ~ 0`` and a weight
+        near 0; measured: a Tversky term stalled near 0.98 on tiny tumours got 0.02-0.03).
+        ``0`` is Groenendijk et al.'s plain weighting; ``1 / n_terms`` gives equal weights.
+
+    Raises
+    ------
+    ValueError
+        If ``min_weight`` is not a number in ``[0, 1 / n_terms]``.
 
     Notes
     -----
@@ -220,7 +302,12 @@ class CoVWeighting:
     - ``mu_l(t) = (1 - 1/t) mu_l(t-1) + l_t / t`` (5.10);
     - ``M_l(t) = (1 - 1/t) M_l(t-1) + (l_t - mu_l(t-1)) (l_t - mu_l(t)) / t`` (5.11), so
       ``sigma_l = sqrt(M_l)`` is the population standard deviation of l_1..l_t;
-    - ``w_i = c_i / sum_k c_k`` with ``c = sigma_l / mu_l`` (5.6, 5.8).
+    - ``c_i = sigma_l / mu_l`` (5.6) and, with M terms and the floor f,
+
+      ``w_i = f + (1 - M f) c_i / sum_k c_k``,
+
+      a mixture of the uniform floor and eq. 5.8's ``c_i / sum_k c_k``: the weights sum to
+      1, each is >= f, and their order is that of the ``c_i`` (f = 0 gives eq. 5.8).
 
     The statistics include the current step before the weights are formed (as eq. 5.8
     reads). While every ``c`` is 0 (the first step, constant losses) the weights are
@@ -232,10 +319,33 @@ class CoVWeighting:
        weighting with coefficient of variations. WACV 2021. arXiv:2009.01717
     .. [2] Welford, B. P. (1962). Note on a method for calculating corrected sums of
        squares and products. Technometrics 4(3), 419-420.
+    .. [3] Hun, A. (2021). Loss functions for medical image segmentation (thesis),
+       eq. 5.6-5.11.
+
+    Examples
+    --------
+    A constant (stalled) term keeps the floor, 0.5 / 2 = 0.25, while the other varies:
+
+    >>> cov = CoVWeighting(2)
+    >>> for v in (1.0, 2.0, 0.5, 1.5):
+    ...     w = cov.update([0.98, v])
+    >>> [round(x, 12) for x in w]
+    [0.25, 0.75]
     """
 
-    def __init__(self, n_terms: int) -> None:
+    def __init__(self, n_terms: int, *, min_weight: float | None = None) -> None:
         self.n_terms = _check_n_terms(n_terms)
+        floor = 0.5 / n_terms if min_weight is None else min_weight
+        if (
+            isinstance(floor, bool)
+            or not isinstance(floor, (int, float))
+            or not 0 <= floor <= 1 / n_terms
+        ):
+            raise ValueError(
+                f"min_weight must be a number in [0, 1/n_terms] = [0, {1 / n_terms:g}], "
+                f"got {min_weight!r}"
+            )
+        self.min_weight = float(floor)
         self.step = 0
         self.mean_loss = [0.0] * n_terms
         self.mean_ratio = [0.0] * n_terms
@@ -264,8 +374,11 @@ class CoVWeighting:
             self.last_ratio[i] = ratio
             covs.append(math.sqrt(max(self.m2_ratio[i], 0.0)) / self.mean_ratio[i])
         total = sum(covs)
+        f, m = self.min_weight, self.n_terms
         self.weights = (
-            tuple(c / total for c in covs) if total > 0 else (1.0 / self.n_terms,) * self.n_terms
+            tuple(f + (1 - m * f) * c / total for c in covs)
+            if total > 0
+            else (1.0 / m,) * m
         )
         return self.weights
 

@@ -457,8 +457,9 @@ class TestCompound:
         logits2 = logits * 0.5
         second = loss(logits2, target)
         v2 = loss.last_values
-        s = [v2[0] - v1[0], v2[1] - v1[1]]
-        e = [math.exp(5.0 * x) for x in s]
+        s = [v2[0] - v1[0], v2[1] - v1[1]]  # two values: the slope is the difference
+        ns = [x / (abs(s[0]) + abs(s[1])) for x in s]  # SoftAdapt's default normalized slopes
+        e = [math.exp(5.0 * x) for x in ns]
         w = [x / sum(e) for x in e]  # thesis eq. 5.4
         torch.testing.assert_close(second.item(), w[0] * v2[0] + w[1] * v2[1])
         loss.eval()

@@ -148,12 +148,22 @@ class HausdorffDTLoss(nn.Module):
         self, *, alpha: float = 2.0, include_background: bool = True, reduction: Reduction = "mean"
     ) -> None:
         super().__init__()
-        self.alpha = check_nonnegative("alpha", alpha)
         self.include_background = bool(include_background)
         self.reduction = check_choice("reduction", reduction, REDUCTIONS)
         self._monai = _MonaiHausdorffDT(
-            alpha=self.alpha, include_background=True, batch=True, reduction="none"
+            alpha=check_nonnegative("alpha", alpha), include_background=True, batch=True,
+            reduction="none"
         )
+
+    # alpha lives in the MONAI module that uses it, so that setting it changes the loss
+    @property
+    def alpha(self) -> float:
+        """Exponent of the distances."""
+        return float(self._monai.alpha)
+
+    @alpha.setter
+    def alpha(self, value: float) -> None:
+        self._monai.alpha = check_nonnegative("alpha", value)
 
     def forward(self, logits: Tensor, target: Tensor) -> Tensor:
         _check_2d_3d(logits, "hausdorff_dt loss")

@@ -151,17 +151,35 @@ class TverskyLoss(_RegionLoss):
 
     def __init__(self, *, alpha: float = 0.3, beta: float = 0.7, **kwargs: object) -> None:
         super().__init__(**kwargs)  # type: ignore[arg-type]
-        self.alpha = check_nonnegative("alpha", alpha)
-        self.beta = check_nonnegative("beta", beta)
         self._monai = _MonaiTversky(
             include_background=True,
             batch=True,
-            alpha=self.alpha,
-            beta=self.beta,
+            alpha=check_nonnegative("alpha", alpha),
+            beta=check_nonnegative("beta", beta),
             smooth_nr=self.smooth,
             smooth_dr=self.smooth,
             reduction="none",
         )
+
+    # alpha and beta live in the MONAI module that uses them, so that setting them (the
+    # greedy parameter adaptation does, between steps) changes the loss
+    @property
+    def alpha(self) -> float:
+        """Weight of the false positives."""
+        return float(self._monai.alpha)
+
+    @alpha.setter
+    def alpha(self, value: float) -> None:
+        self._monai.alpha = check_nonnegative("alpha", value)
+
+    @property
+    def beta(self) -> float:
+        """Weight of the false negatives."""
+        return float(self._monai.beta)
+
+    @beta.setter
+    def beta(self, value: float) -> None:
+        self._monai.beta = check_nonnegative("beta", value)
 
     def per_channel(self, probs: Tensor, target: Tensor) -> Tensor:
         return self._monai(probs, target).reshape(-1)
