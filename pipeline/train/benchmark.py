@@ -8,6 +8,8 @@ sampling and schedule) and writes the run directory::
     RUN_DIR/metrics_per_case.csv    one row per (loss, fold, validation case)   (+ .json)
     RUN_DIR/metrics_per_fold.csv    one row per (loss, fold): means over its cases (+ .json)
     RUN_DIR/summary.md              mean ± std over folds per loss (also summary.json)
+    RUN_DIR/paired.md               the first loss against each other one, paired by
+                                    validation case (also paired.json, paired_dice.png)
     RUN_DIR/curves.png              training loss and validation Dice per epoch
     RUN_DIR/adaptive.png            manifest term weights and adaptive-Tversky alpha/beta
     RUN_DIR/overlays.png            prediction overlays of a few validation cases
@@ -18,6 +20,13 @@ averaged over the fold's validation cases (``hd``/``hd95`` over the cases where 
 defined, the others counted in ``hd_undefined``); the summary gives the mean and the
 sample standard deviation (ddof = 1) of those fold means. Ratios are shown in percent,
 distances in mm.
+
+Paired comparison (``paired_table``): every case is validated exactly once across the k
+folds, so two losses trained on the same split give two values per case. The first loss
+listed (A, the manifest's in ``make demo``) is compared with each other loss (B) on the
+cases both have: mean of A − B with a 95 % percentile-bootstrap interval and the Wilcoxon
+signed-rank p-value (`stats.paired.paired_comparison`), and `stats.paired.verdict`'s
+sentence. Ratio differences are shown in percentage points, distances in mm.
 """
 
 from __future__ import annotations
@@ -28,10 +37,11 @@ import json
 import math
 import warnings
 from collections.abc import Mapping, Sequence
-from dataclasses import dataclass
+from dataclasses import asdict, dataclass
 from datetime import datetime, timezone
 from importlib import metadata
 from pathlib import Path
+from types import MappingProxyType
 from typing import Any
 
 import numpy as np
@@ -51,6 +61,7 @@ from pipeline.train.loop import (
 from pipeline.train.losses import LOSSES, build_loss
 from pipeline.train.metrics import DISTANCE_METRICS, METRIC_NAMES
 from pipeline.train.normalize import NormalizationPlan
+from stats.paired import MIN_PAIRS, PairedComparison, paired_comparison, verdict
 
 TABLE_COLUMNS: tuple[tuple[str, str], ...] = (
     ("accuracy", "Acc"), ("dice", "Dice"), ("f2", "F2"), ("iou", "IoU"),
@@ -58,6 +69,17 @@ TABLE_COLUMNS: tuple[tuple[str, str], ...] = (
     ("hd95", "HD95 (mm)"), ("hd", "HD (mm)"),
 )
 """Summary columns in the thesis's order (Acc, Dice, F2, IoU, Precision, Recall, HD)."""
+
+PAIRED_METRICS: tuple[str, ...] = ("dice", "hd95", "precision", "recall")
+"""Metrics of the paired table, in its order."""
+
+PAIRED_MARGINS: Mapping[str, float] = MappingProxyType({
+    **dict.fromkeys((m for m in METRIC_NAMES if m not in DISTANCE_METRICS), 0.01),
+    **dict.fromkeys(DISTANCE_METRICS, 1.0),
+})
+"""Non-inferiority margins of the paired verdict: one percentage point for ratios, 1 mm
+for distances (one voxel of the 1 mm grid). A reading convention, not a finding; an
+evidence study should state its own."""
 
 
 def resolve_loss_specs(names: Sequence[str], manifest_spec: Mapping[str, Any] | None = None,
@@ -120,13 +142,72 @@ def load_training_manifest(path: str | Path, channels: Sequence[str]
 
 
 @dataclass(frozen=True)
+class PairedRow:
+    """One line of the paired table: loss A against loss B on one metric, per case.
+
+    Attributes
+    ----------
+    loss, other : str
+        A (the reference, first listed) and B; differences are A − B.
+    metric : str
+        A key of the per-case rows (``"dice"``, ``"hd95"``, ...).
+    higher_is_better : bool
+        False for distances (lower is better).
+    margin : float
+        Non-inferiority margin of ``verdict``, in the metric's units.
+    comparison : PairedComparison
+        Over the cases validated for both losses (NaN pairs dropped and counted there).
+    verdict : str
+        `stats.paired.verdict` for A: "better", "worse", "not worse than by more than
+        <margin>" or "cannot separate at n=<n>".
+    n_unmatched : int
+        Cases validated for only one of the two losses (a fold that failed).
+    """
+
+    loss: str
+    other: str
+    metric: str
+    higher_is_better: bool
+    margin: float
+    comparison: PairedComparison
+    verdict: str
+    n_unmatched: int = 0
+
+    @property
+    def separated(self) -> bool:
+        """Interval excludes 0, Wilcoxon p < 1 − confidence, and n >= ``MIN_PAIRS``.
+
+        At small n the percentile interval is too narrow and the exact Wilcoxon p-value
+        coarse, so the two can disagree; a difference counts as evidence only if both
+        reject.
+        """
+        c = self.comparison
+        return (c.n >= MIN_PAIRS and (c.ci_low > 0 or c.ci_high < 0)
+                and c.p_value < 1.0 - c.confidence)
+
+    def verdict_text(self) -> str:
+        """``verdict``, flagged when the interval separates but the Wilcoxon test does not."""
+        if self.verdict in ("better", "worse") and not self.separated:
+            return f"{self.verdict}? (interval only)"
+        return self.verdict
+
+    def to_dict(self) -> dict[str, Any]:
+        return {**asdict(self), "separated": self.separated}
+
+
+@dataclass(frozen=True)
 class BenchmarkResult:
-    """The results of a benchmark run and where they were written."""
+    """The results of a benchmark run and where they were written.
+
+    ``paired`` holds the first loss against each other one (`paired_table`); it is
+    empty when fewer than two losses produced results.
+    """
 
     out_dir: Path
     folds: list[FoldResult]
     failures: dict[str, str]
     summary: list[dict[str, Any]]
+    paired: tuple[PairedRow, ...] = ()
 
     def markdown(self) -> str:
         return summary_markdown(self.summary)
@@ -189,6 +270,176 @@ def summary_markdown(summary: Sequence[Mapping[str, Any]]) -> str:
         cells = [str(entry["loss"]), *(format_cell(m, entry[m]) for m, _ in TABLE_COLUMNS)]
         lines.append("| " + " | ".join(cells) + " |")
     return "\n".join(lines) + "\n"
+
+
+def paired_table(per_case_rows: Sequence[Mapping[str, Any]], reference_loss: str,
+                 metrics: Sequence[str] = PAIRED_METRICS, *,
+                 others: Sequence[str] | None = None,
+                 margins: Mapping[str, float] = PAIRED_MARGINS, confidence: float = 0.95,
+                 n_resamples: int = 10_000, seed: int = 0) -> list[PairedRow]:
+    """Compare ``reference_loss`` with each other loss, pairing per-case rows by case id.
+
+    Parameters
+    ----------
+    per_case_rows : sequence of mapping
+        Rows of ``metrics_per_case``: ``{"loss", "fold", "case", <metric>: value, ...}``,
+        each (loss, case) at most once (k-fold validates every case once).
+    reference_loss : str
+        Loss A; every difference is A − B.
+    metrics : sequence of str, default `PAIRED_METRICS`
+        Metric keys to compare; those in `DISTANCE_METRICS` are lower-is-better.
+    others : sequence of str, optional
+        The losses B, in table order; default: every other loss in the rows, in order of
+        first appearance. A loss without rows gives comparisons with ``n = 0``.
+    margins : mapping, default `PAIRED_MARGINS`
+        Non-inferiority margin per metric for the verdict (0 for a metric not in it).
+    confidence, n_resamples, seed
+        Passed to `stats.paired.paired_comparison` (the same seed for every line).
+
+    Returns
+    -------
+    list of PairedRow
+        For each loss in ``others``, one row per metric. Cases are paired on the ids both
+        losses have, in sorted order (so the result does not depend on the fold order).
+
+    Raises
+    ------
+    ValueError
+        If ``reference_loss`` has no row, a (loss, case) repeats, or a row lacks a metric.
+
+    Examples
+    --------
+    >>> rows = [{"loss": loss, "fold": 0, "case": f"c{i}", "dice": d + 0.1 * (loss == "m")}
+    ...         for loss in ("m", "bce") for i, d in enumerate([0.5, 0.6, 0.7, 0.8, 0.9, 0.6])]
+    >>> [(r.other, r.metric, r.verdict) for r in paired_table(rows, "m", ["dice"])]
+    [('bce', 'dice', 'better')]
+    """
+    by_loss: dict[str, dict[str, Mapping[str, Any]]] = {}
+    for row in per_case_rows:
+        cases = by_loss.setdefault(str(row["loss"]), {})
+        case = str(row["case"])
+        if case in cases:
+            raise ValueError(f"per-case rows repeat case {case!r} for loss {row['loss']!r} "
+                             f"(folds {cases[case].get('fold')!r} and {row.get('fold')!r}); "
+                             f"each case must be validated once per loss")
+        for m in metrics:
+            if m not in row:
+                raise ValueError(f"per-case row of loss {row['loss']!r}, case {case!r} has "
+                                 f"no metric {m!r}; it has {sorted(row)!r}")
+        cases[case] = row
+    if reference_loss not in by_loss:
+        raise ValueError(f"reference loss {reference_loss!r} has no per-case row; losses "
+                         f"with rows: {list(by_loss)!r}")
+    if others is None:
+        others = [name for name in by_loss if name != reference_loss]
+    ref = by_loss[reference_loss]
+    out: list[PairedRow] = []
+    for other in others:
+        theirs = by_loss.get(other, {})
+        common = sorted(ref.keys() & theirs.keys())
+        unmatched = len(ref.keys() ^ theirs.keys())
+        for m in metrics:
+            cmp = paired_comparison([float(ref[c][m]) for c in common],
+                                    [float(theirs[c][m]) for c in common],
+                                    confidence=confidence, n_resamples=n_resamples, seed=seed)
+            higher = m not in DISTANCE_METRICS
+            margin = float(margins.get(m, 0.0))
+            out.append(PairedRow(reference_loss, other, m, higher, margin, cmp,
+                                 verdict(cmp, margin=margin, higher_is_better=higher),
+                                 unmatched))
+    return out
+
+
+def paired_caveat(rows: Sequence[PairedRow]) -> str | None:
+    """A plain sentence when the paired table is not evidence; None when it all is.
+
+    A line is evidence of a difference only if `PairedRow.separated`: its interval
+    excludes 0, its Wilcoxon p is below 1 − confidence, and it has at least
+    `stats.paired.MIN_PAIRS` pairs. No line separated: "n=<n> cases: too few to
+    separate these losses; the differences above are not evidence." Some: how many.
+    """
+    if not rows:
+        return None
+    undecided = [r for r in rows if not r.separated]
+    if not undecided:
+        return None
+    n = max(r.comparison.n for r in rows)
+    if len(undecided) == len(rows):
+        return (f"n={n} cases: too few to separate these losses; the differences above "
+                f"are not evidence.")
+    alpha = 1.0 - rows[0].comparison.confidence
+    return (f"n={n} cases: {len(undecided)} of the {len(rows)} differences above cannot "
+            f"be told from 0 (interval contains 0, Wilcoxon p >= {alpha:.2g}, or fewer "
+            f"than {MIN_PAIRS} pairs); those are not evidence.")
+
+
+def format_difference(metric: str, cmp: PairedComparison) -> str:
+    """``"+1.23 [-0.40, +2.80]"``: mean difference and interval (ratios in percentage
+    points, distances in mm); ``"–"`` if undefined."""
+    if math.isnan(cmp.mean_diff):
+        return "–"
+    scale = 1.0 if metric in DISTANCE_METRICS else 100.0
+    return (f"{cmp.mean_diff * scale:+.2f} [{cmp.ci_low * scale:+.2f}, "
+            f"{cmp.ci_high * scale:+.2f}]")
+
+
+def format_p(p: float) -> str:
+    """``"0.031"``, ``"<0.001"``, or ``"–"`` when no p-value was computed."""
+    if math.isnan(p):
+        return "–"
+    return "<0.001" if p < 0.001 else f"{p:.3f}"
+
+
+def _metric_label(metric: str) -> str:
+    labels = dict(TABLE_COLUMNS)
+    return labels.get(metric, metric)
+
+
+def paired_markdown(rows: Sequence[PairedRow]) -> str:
+    """The paired table as markdown, with the caveat when it is not evidence."""
+    if not rows:
+        return ""
+    conf = rows[0].comparison.confidence
+    head = ["A − B", "Metric", "n", f"Mean A − B [{conf:.0%} CI]", "Wilcoxon p",
+            "Verdict for A"]
+    lines = ["| " + " | ".join(head) + " |", "|" + "---|" * len(head)]
+    for r in rows:
+        c = r.comparison
+        n = f"{c.n}" + (f" ({c.n_dropped} undefined)" if c.n_dropped else "")
+        cells = [f"{r.loss} − {r.other}", _metric_label(r.metric), n,
+                 format_difference(r.metric, c), format_p(c.p_value), r.verdict_text()]
+        lines.append("| " + " | ".join(cells) + " |")
+    note = (f"\nPaired by validation case; ratios in percentage points, distances in mm; "
+            f"{conf:.0%} percentile-bootstrap interval of the mean difference "
+            f"({rows[0].comparison.n_resamples} resamples of cases); two-sided Wilcoxon "
+            f"signed-rank p (none below {MIN_PAIRS} pairs), not corrected for the "
+            f"{len(rows)} comparisons. Verdict margins, in the "
+            f"metric's own units: "
+            + ", ".join(f"{_metric_label(r.metric)} {r.margin:g}"
+                        for r in {r.metric: r for r in rows}.values()) + ".\n")
+    caveat = paired_caveat(rows)
+    return "\n".join(lines) + "\n" + note + (f"\n**{caveat}**\n" if caveat else "")
+
+
+def write_paired(out_dir: Path, rows: Sequence[PairedRow]) -> None:
+    """Write ``paired.md``, ``paired.json`` and (if Dice is compared) ``paired_dice.png``."""
+    if not rows:
+        return
+    out_dir = Path(out_dir)
+    (out_dir / "paired.md").write_text(paired_markdown(rows))
+    (out_dir / "paired.json").write_text(json.dumps(
+        {"reference": rows[0].loss, "min_pairs": MIN_PAIRS, "caveat": paired_caveat(rows),
+         "rows": [r.to_dict() for r in rows]}, indent=1, allow_nan=True))
+    dice = [r for r in rows if r.metric == "dice"]
+    if dice:
+        from pipeline.report import ForestRow, forest_plot
+
+        forest_plot([ForestRow(f"{r.loss} − {r.other}", r.comparison) for r in dice],
+                    out_dir / "paired_dice.png",
+                    title=f"Dice per validation case: {dice[0].loss} against each loss",
+                    xlabel="mean Dice difference A − B (percentage points), "
+                           f"{dice[0].comparison.confidence:.0%} bootstrap interval",
+                    scale=100.0, favours=("← favours B", f"favours {dice[0].loss} →"))
 
 
 def _write_rows(path: Path, rows: Sequence[Mapping[str, Any]]) -> None:
@@ -285,10 +536,15 @@ def run_benchmark(store_url: str, dataset: str, losses: Sequence[str], *,
             "in mm (HD95, HD over cases where both masks are non-empty).\n")
     fail = "".join(f"\n- {k} failed: {v}" for k, v in failures.items())
     (out_dir / "summary.md").write_text(summary_markdown(summary) + note + fail + "\n")
+    names = list(specs)
+    paired: list[PairedRow] = []
+    if len(names) >= 2 and any(r["loss"] == names[0] for r in per_case):
+        paired = paired_table(per_case, names[0], others=names[1:])
+        write_paired(out_dir, paired)
     plot_curves(results, out_dir / "curves.png")
     plot_adaptive(results, out_dir / "adaptive.png")
     plot_overlays(results, out_dir / "overlays.png")
-    return BenchmarkResult(out_dir, results, failures, summary)
+    return BenchmarkResult(out_dir, results, failures, summary, tuple(paired))
 
 
 # -- plots ---------------------------------------------------------------------------------
@@ -397,11 +653,19 @@ def plot_overlays(results: Sequence[FoldResult], path: Path, max_cases: int = 3)
 
 
 __all__ = [
+    "PAIRED_MARGINS",
+    "PAIRED_METRICS",
     "TABLE_COLUMNS",
     "BenchmarkResult",
+    "PairedRow",
     "fold_means",
     "format_cell",
+    "format_difference",
+    "format_p",
     "load_training_manifest",
+    "paired_caveat",
+    "paired_markdown",
+    "paired_table",
     "plot_adaptive",
     "plot_curves",
     "plot_overlays",
@@ -409,4 +673,5 @@ __all__ = [
     "run_benchmark",
     "summarize",
     "summary_markdown",
+    "write_paired",
 ]

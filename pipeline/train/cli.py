@@ -9,11 +9,13 @@ from __future__ import annotations
 import os
 import sys
 import time
+from collections.abc import Sequence
 from pathlib import Path
 from typing import Annotated, Any
 
 import typer
 from rich.console import Console
+from rich.markup import escape
 from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn
 from rich.table import Table
 
@@ -22,8 +24,12 @@ from pipeline.store import DatasetStore
 from pipeline.train.benchmark import (
     TABLE_COLUMNS,
     BenchmarkResult,
+    PairedRow,
     format_cell,
+    format_difference,
+    format_p,
     load_training_manifest,
+    paired_caveat,
     run_benchmark,
 )
 from pipeline.train.data import SamplingConfig
@@ -42,6 +48,40 @@ def summary_table(result: BenchmarkResult, title: str = "validation metrics") ->
     for entry in result.summary:
         table.add_row(entry["loss"], *(format_cell(m, entry[m]) for m, _ in TABLE_COLUMNS))
     return table
+
+
+def paired_rich_table(rows: Sequence[PairedRow]) -> Table:
+    """The paired table: A − B per validation case, interval, Wilcoxon p and verdict."""
+    labels = dict(TABLE_COLUMNS)
+    conf = rows[0].comparison.confidence if rows else 0.95
+    table = Table(title=f"paired by validation case: {rows[0].loss if rows else 'A'} − each "
+                        f"loss (ratios in percentage points, distances in mm)")
+    for name, justify in (("A − B", "left"), ("Metric", "left"), ("n", "right"),
+                          (f"mean [{conf:.0%} CI]", "right"), ("Wilcoxon p", "right"),
+                          ("verdict for A", "left")):
+        table.add_column(name, justify=justify)  # type: ignore[arg-type]
+    previous = None
+    for r in rows:
+        if previous is not None and r.other != previous:
+            table.add_section()
+        previous = r.other
+        c = r.comparison
+        n = f"{c.n}" + (f" ({c.n_dropped} undef.)" if c.n_dropped else "")
+        table.add_row(escape(f"{r.loss} − {r.other}"), labels.get(r.metric, r.metric), n,
+                      format_difference(r.metric, c), format_p(c.p_value),
+                      escape(r.verdict_text()))
+    return table
+
+
+def print_paired(rows: Sequence[PairedRow], out: Console | None = None) -> None:
+    """Print the paired table and, when it is not evidence, say so plainly."""
+    if not rows:
+        return
+    out = out or console
+    out.print(paired_rich_table(rows))
+    caveat = paired_caveat(rows)
+    if caveat:
+        out.print(f"[bold yellow]{caveat}[/]", highlight=False)
 
 
 def _progress() -> Progress:
@@ -86,8 +126,9 @@ def train(
     """Train every named loss under the same k-fold protocol and print the summary table.
 
     Writes to --out: config.json, metrics_per_case.csv/.json, metrics_per_fold.csv/.json,
-    summary.md/.json, curves.png, adaptive.png, overlays.png, and per loss and fold a
-    checkpoint (last.pt) that --resume continues from.
+    summary.md/.json, paired.md/.json and paired_dice.png (the first loss against each
+    other one, paired by validation case), curves.png, adaptive.png, overlays.png, and per
+    loss and fold a checkpoint (last.pt) that --resume continues from.
     """
     try:
         if dim not in ("2d", "3d"):
@@ -144,6 +185,7 @@ def train(
         err_console.print(f"[bold red]error:[/] {err}", highlight=False)
         raise typer.Exit(1) from err
     console.print(summary_table(result))
+    print_paired(result.paired)
     for key, reason in result.failures.items():
         err_console.print(f"[bold red]{key} failed:[/] {reason}", highlight=False)
     console.print(f"results in {out} ({time.perf_counter() - t0:.0f} s)", highlight=False)
@@ -151,4 +193,4 @@ def train(
         raise typer.Exit(3)
 
 
-__all__ = ["summary_table", "train"]
+__all__ = ["paired_rich_table", "print_paired", "summary_table", "train"]

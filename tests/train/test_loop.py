@@ -154,7 +154,8 @@ class TestBenchmark:
                             cfg=tiny_cfg(epochs=1), folds=2, out_dir=out, manifest_spec=spec)
         for name in ("config.json", "metrics_per_case.csv", "metrics_per_case.json",
                      "metrics_per_fold.csv", "summary.md", "summary.json", "curves.png",
-                     "adaptive.png", "overlays.png"):
+                     "adaptive.png", "overlays.png", "paired.md", "paired.json",
+                     "paired_dice.png"):
             assert (out / name).stat().st_size > 0, name
         config = json.loads((out / "config.json").read_text())
         assert config["losses"]["manifest"] == spec
@@ -167,6 +168,11 @@ class TestBenchmark:
         assert res.summary[1]["dice"]["mean"] == pytest.approx(np.mean(dice))
         assert res.summary[1]["dice"]["std"] == pytest.approx(np.std(dice, ddof=1))
         assert res.markdown().splitlines()[0].startswith("| Loss | Acc | Dice |")
+        # the first loss against the other, paired by case: 4 cases are too few
+        assert [(r.loss, r.other, r.metric) for r in res.paired] == [
+            ("manifest", "bce", m) for m in ("dice", "hd95", "precision", "recall")]
+        assert res.paired[0].comparison.n + res.paired[0].comparison.n_dropped == 4
+        assert "n=4 cases: too few to separate" in (out / "paired.md").read_text()
 
     def test_markdown_cells(self) -> None:
         entry = {"loss": "x", **{m: {"mean": 0.5, "std": 0.1, "n_folds": 2}
@@ -250,6 +256,8 @@ class TestWithTheRealManifest:
             "--workers", "0", "--device", "cpu", "--out", str(tmp_path / "run")])
         assert result.exit_code == 0, result.output
         assert "mean ± std over folds" in result.output
+        assert "manifest − dice" in result.output  # the paired table
+        assert "cases: too few to separate these losses" in result.output
         assert (tmp_path / "run" / "summary.md").exists()
 
 
