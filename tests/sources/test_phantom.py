@@ -1,4 +1,5 @@
-"""The embedded phantom: BraTS 2023 layout, realism, geometry, determinism, atomic writes."""
+"""The embedded phantom: BraTS 2023 layout, realism, geometry, determinism, atomic writes,
+and the options of controlled studies (volume distribution, tumour shape, tails, units)."""
 
 from __future__ import annotations
 
@@ -12,18 +13,23 @@ import nibabel as nib
 import numpy as np
 import pytest
 import scipy.stats
+import SimpleITK as sitk
 from scipy import ndimage
 
+from pipeline.io.nifti import read_nifti_image
 from pipeline.sources import phantom as ph
 from pipeline.sources.base import CHANNELS, LABEL_SCHEME
 from pipeline.sources.phantom import (
     BRATS_SHAPE,
+    DEFAULT_OPTIONS,
     DEFAULT_SHAPE,
     LARGE_FRACTION,
     SPACINGS,
     CasePlan,
     PhantomCase,
+    PhantomOptions,
     brain_volume_ml,
+    bright_speckle,
     case_plans,
     phantom_case,
     rician,
@@ -461,3 +467,318 @@ class TestValidation:
     def test_phantom_case_rejects_a_non_seed(self) -> None:
         with pytest.raises(TypeError, match=r"rng_or_seed must be an int.*got str 'abc'"):
             phantom_case("abc", SHAPE)
+
+
+# ----------------------------------------------------------------- options (controlled studies)
+
+MULTIFOCAL = PhantomOptions(tumour_shape="multifocal")
+ELONGATED = PhantomOptions(tumour_shape="elongated")
+HEAVY = PhantomOptions(intensity_tail="heavy")
+CONNECT_26 = np.ones((3, 3, 3), dtype=bool)
+
+
+def _components(label: np.ndarray) -> int:
+    """Connected components of the whole tumour, 26-connectivity."""
+    return int(ndimage.label(label > 0, structure=CONNECT_26)[1])
+
+
+def _empty_slices_within_extent(label: np.ndarray) -> int:
+    """Axial (z) slices without tumour between the tumour's first and last slice."""
+    per_slice = (label > 0).sum(axis=(0, 1))
+    z = np.flatnonzero(per_slice)
+    return int((per_slice[z[0]:z[-1] + 1] == 0).sum())
+
+
+def _clipped_kurtosis(values: np.ndarray) -> float:
+    """Fisher excess kurtosis after clipping at the 0.5 / 99.5 percentiles (what a net sees)."""
+    lo, hi = np.percentile(values, [0.5, 99.5])
+    return float(scipy.stats.kurtosis(np.clip(values.astype(np.float64), lo, hi)))
+
+
+def _array_digest(case: PhantomCase) -> str:
+    h = hashlib.sha256()
+    for name in CHANNELS:
+        h.update(np.ascontiguousarray(case.images[name]).tobytes())
+    h.update(case.label.tobytes())
+    h.update(case.tissue.tobytes())
+    return h.hexdigest()
+
+
+class TestDefaultOptionsUnchanged:
+    # sha256 of the images (t1n, t1c, t2w, t2f), label and tissue bytes, computed with the
+    # phantom as it was before PhantomOptions existed (commit cc7633e), same venv
+    @pytest.mark.parametrize(
+        ("seed", "spacing", "orientation", "digest"),
+        [
+            (0, (1.0, 1.0, 1.0), "RAS",
+             "3e372480a87c08abf753b41d74e7dfdec22f0a97a002c5fbb4dbce99f42af454"),
+            (7, (0.94, 0.94, 1.5), "LPS",
+             "8707e95f4883297646622706fea4c2bde87034a86c32a251ee8ae3b1bc1979ea"),
+        ],
+    )
+    def test_default_case_is_the_pre_options_phantom(self, seed, spacing, orientation,
+                                                    digest) -> None:
+        case = phantom_case(seed, SHAPE, spacing, orientation=orientation)
+        assert _array_digest(case) == digest
+        assert case.intensity_scale == 1.0
+
+    def test_default_volumes_are_the_pre_options_volumes(self) -> None:
+        # tumour_volumes_ml(8, 3, (48, 48, 32)) before PhantomOptions (commit cc7633e), mL
+        expected = [0.331001, 0.231818, 0.356504, 0.690035, 0.893782, 0.205297, 0.341261,
+                    0.198355]
+        np.testing.assert_allclose(tumour_volumes_ml(8, 3, SHAPE), expected, atol=5e-7)
+
+    def test_explicit_default_options_write_byte_identical_files(self, tmp_path) -> None:
+        def digests(root: Path) -> dict[str, str]:
+            return {p.name: hashlib.sha256(p.read_bytes()).hexdigest()
+                    for p in sorted(root.rglob("*.nii.gz"))}
+
+        write_phantom(tmp_path / "a", cases=2, seed=SEED, shape=SHAPE)
+        write_phantom(tmp_path / "b", cases=2, seed=SEED, shape=SHAPE, options=PhantomOptions())
+        assert digests(tmp_path / "a") == digests(tmp_path / "b")
+        assert PhantomOptions() == DEFAULT_OPTIONS
+        # no scaling in the header of a default image
+        img = nib.load(next((tmp_path / "a").rglob("*-t1n.nii.gz")))
+        assert img.dataobj.slope == 1.0
+        assert img.dataobj.inter == 0.0
+
+
+class TestVolumeOptions:
+    def test_median_and_sigma_of_the_log_volume(self) -> None:
+        options = PhantomOptions(volume_median_fraction=0.005, volume_sigma=0.3,
+                                 guarantee_extremes=False)
+        n = 4000
+        log_v = np.log(tumour_volumes_ml(n, 123, BRATS_SHAPE, options=options))
+        # neither cap (10 % of the brain, 10 sigma away) nor floor (0.05 mL) binds here;
+        # standard errors: median 1.25 sigma / sqrt(n), standard deviation sigma / sqrt(2n)
+        expected = math.log(0.005 * brain_volume_ml(BRATS_SHAPE))
+        assert abs(np.median(log_v) - expected) < 4 * 1.25 * 0.3 / math.sqrt(n)
+        assert abs(np.std(log_v) - 0.3) < 4 * 0.3 / math.sqrt(2 * n)
+
+    def test_equal_seeds_share_the_normal_deviates(self) -> None:
+        # paired arms: (ln V - ln m) / sigma is the same draw for every option value
+        a = PhantomOptions(volume_median_fraction=0.01, volume_sigma=0.25,
+                           guarantee_extremes=False)
+        b = PhantomOptions(volume_median_fraction=0.03, volume_sigma=0.5,
+                           guarantee_extremes=False)
+        brain = brain_volume_ml(BRATS_SHAPE)
+        za = (np.log(tumour_volumes_ml(50, 4, BRATS_SHAPE, options=a) / brain)
+              - math.log(0.01)) / 0.25
+        zb = (np.log(tumour_volumes_ml(50, 4, BRATS_SHAPE, options=b) / brain)
+              - math.log(0.03)) / 0.5
+        np.testing.assert_allclose(za, zb, atol=1e-9)
+
+    @pytest.mark.parametrize("seed", [0, 1, 2, 3, 4])
+    def test_without_guaranteed_extremes_a_narrow_distribution_stays_narrow(self, seed) -> None:
+        options = PhantomOptions(volume_sigma=0.2, guarantee_extremes=False)
+        for cases in (2, 8, 24):
+            volumes = tumour_volumes_ml(cases, seed, DEFAULT_SHAPE, options=options)
+            median_ml = 0.02 * brain_volume_ml(DEFAULT_SHAPE)  # 1.78 mL
+            # |z| < 4.5 for all of 24 normal draws (P > 0.9998): within e^(+-0.9) of it
+            assert np.all(np.abs(np.log(volumes / median_ml)) < 4.5 * 0.2)
+            # with the extremes, the same draws include a tiny and an 8 % tumour
+            forced = tumour_volumes_ml(cases, seed, DEFAULT_SHAPE,
+                                       options=PhantomOptions(volume_sigma=0.2))
+            assert forced.min() < 0.5
+            assert forced.max() >= LARGE_FRACTION * brain_volume_ml(DEFAULT_SHAPE)
+
+    def test_phantom_case_draws_its_volume_from_the_options(self) -> None:
+        options = PhantomOptions(volume_median_fraction=0.08, volume_sigma=0.0)
+        case = phantom_case(SEED, DEFAULT_SHAPE, options=options)
+        # sigma 0: the target is exactly 8 % of the nominal brain; realised within 10 %
+        assert case.tumour_volume_ml == pytest.approx(0.08 * brain_volume_ml(DEFAULT_SHAPE),
+                                                      rel=0.10)
+
+
+@pytest.fixture(scope="module")
+def multifocal() -> list[tuple[CasePlan, PhantomCase]]:
+    return [(plan, plan.build(SHAPE)) for plan in case_plans(4, SEED, SHAPE, options=MULTIFOCAL)]
+
+
+@pytest.fixture(scope="module")
+def tail_pairs() -> list[tuple[PhantomCase, PhantomCase]]:
+    """(light, heavy) builds of the same two plans: one 1-mm and one anisotropic case."""
+    return [(plan.build(SHAPE),
+             CasePlan(plan.case_id, plan.seed, plan.spacing, plan.orientation,
+                      plan.tumour_volume_ml, HEAVY).build(SHAPE))
+            for plan in case_plans(2, SEED, SHAPE)]
+
+
+class TestTumourShape:
+    def test_multifocal_foci_are_separate_with_gaps_along_z(self, multifocal) -> None:
+        for plan, case in multifocal:
+            assert 2 <= _components(case.label) <= 4, plan.case_id
+            assert _empty_slices_within_extent(case.label) >= 1, plan.case_id
+
+    def test_multifocal_keeps_the_total_volume_and_the_centre(self, multifocal) -> None:
+        for plan, case in multifocal:
+            assert case.tumour_volume_ml == pytest.approx(plan.tumour_volume_ml, rel=0.10)
+            # the centre is the voxel-weighted mean of the foci's centres: within a voxel
+            centroid = _world(case.affine, np.argwhere(case.label > 0).mean(axis=0))
+            assert np.all(np.abs(centroid - case.tumour_centre_mm) <= plan.spacing)
+
+    def test_every_focus_is_nested_and_inside_the_brain(self, multifocal) -> None:
+        for plan, case in multifocal:
+            label, brain = case.label, case.tissue > 0
+            assert _neighbour_values(label, NCR) <= {ET}, plan.case_id
+            assert _neighbour_values(label, ET) <= {NCR, ED}, plan.case_id
+            # no tumour voxel touches the outside of the brain (6-neighbourhood)
+            assert not np.any(ndimage.binary_dilation(label > 0) & ~brain), plan.case_id
+            components, n = ndimage.label(label > 0, structure=CONNECT_26)
+            for k in range(1, n + 1):  # each focus has an oedema rim around its core
+                assert ED in set(np.unique(label[components == k]).tolist())
+
+    def test_shapes_keep_the_anatomy(self) -> None:
+        compact = phantom_case(SEED, SHAPE)
+        for options in (MULTIFOCAL, ELONGATED):
+            other = phantom_case(SEED, SHAPE, options=options)
+            np.testing.assert_array_equal(other.tissue, compact.tissue)
+
+    @pytest.mark.parametrize("seed", [0, 1, 2, 3])
+    def test_compact_and_elongated_are_one_body(self, seed) -> None:
+        for options in (DEFAULT_OPTIONS, ELONGATED):
+            case = phantom_case(seed, SHAPE, options=options)
+            assert _components(case.label) == 1
+            assert _empty_slices_within_extent(case.label) == 0
+
+    @pytest.mark.parametrize("seed", [0, 1, 2, 3])
+    def test_elongated_is_stretched_along_z(self, seed) -> None:
+        case = phantom_case(seed, DEFAULT_SHAPE, options=ELONGATED, tumour_volume_ml=1.5)
+        label = case.label
+        assert _components(label) == 1
+        assert _neighbour_values(label, NCR) <= {ET}
+        assert _neighbour_values(label, ET) <= {NCR, ED}
+        assert not np.any(ndimage.binary_dilation(label > 0) & (case.tissue == 0))
+        # principal axes of the voxel cloud (mm): for semi-axes (a, a, 3a) the longest
+        # axis is z and sqrt(eigenvalue ratio) = 3; the +-20 % outline blurs that a little
+        points = np.argwhere(label > 0) * np.asarray(case.spacing)
+        eigenvalues, eigenvectors = np.linalg.eigh(np.cov(points.T))
+        assert abs(eigenvectors[2, -1]) > 0.95
+        assert math.sqrt(eigenvalues[-1] / eigenvalues[0]) > 2.5
+        compact = phantom_case(seed, DEFAULT_SHAPE, tumour_volume_ml=1.5)
+        c_points = np.argwhere(compact.label > 0).astype(float)
+        c_eigenvalues = np.linalg.eigvalsh(np.cov(c_points.T))
+        assert math.sqrt(c_eigenvalues[-1] / c_eigenvalues[0]) < 1.6
+
+
+class TestIntensityTail:
+    def test_heavy_tail_survives_percentile_clipping_on_every_channel(
+            self, tail_pairs) -> None:
+        for light, heavy in tail_pairs:
+            brain = light.tissue > 0
+            for name in CHANNELS:
+                # Rician noise on a tissue mixture: about -1; the speckle: about 60-90
+                assert _clipped_kurtosis(light.images[name][brain]) < 1.0, name
+                assert _clipped_kurtosis(heavy.images[name][brain]) > 6.0, name
+
+    def test_heavy_tail_is_sparse_and_leaves_the_rest_unchanged(self, tail_pairs) -> None:
+        for light, heavy in tail_pairs:
+            brain = light.tissue > 0
+            np.testing.assert_array_equal(heavy.label, light.label)
+            np.testing.assert_array_equal(heavy.tissue, light.tissue)
+            for name in CHANNELS:
+                a = light.images[name].astype(np.float64)
+                b = heavy.images[name].astype(np.float64)
+                np.testing.assert_array_equal(b != 0, brain)  # 0 outside, >= 1 inside
+                assert b[brain].min() >= 1
+                changed = a != b
+                assert not np.any(changed & ~brain)
+                # hit with probability 0.02: binomial sd sqrt(0.02 * 0.98 / n) <= 0.0015 here
+                assert abs(changed[brain].mean() - ph.SPECKLE_FRACTION) < 0.006, name
+                # a hit voxel is at least e^1 brighter (or saturated), up to rounding
+                ratio = b[changed] / a[changed]
+                assert np.all((ratio > math.e * 0.99) | (b[changed] == 32767)), name
+
+    @pytest.mark.parametrize("df", [2.0, 3.0])
+    def test_speckle_factor_is_a_shifted_half_student_t(self, df) -> None:
+        signal = np.full(200_000, 100.0)
+        out = bright_speckle(signal, np.random.default_rng(17), log_amplitude=0.5, df=df)
+        hit = out != signal
+        # Bernoulli(0.02): 4000 hits, sd 63
+        assert abs(int(hit.sum()) - 4000) < 5 * 63
+        t = np.log(out[hit] / 100.0) / 0.5 - 1.0  # = |T| (cap at 30 not reached here)
+        # oracle: |T| for T ~ t(df) has cdf 2 F(x) - 1 on x >= 0 (scipy.stats.t)
+        result = scipy.stats.kstest(t, lambda x: 2 * scipy.stats.t.cdf(x, df) - 1)
+        assert result.pvalue > 1e-3, result
+
+    @pytest.mark.parametrize(
+        ("kwargs", "match"),
+        [
+            ({"fraction": 0.0}, r"fraction must be a number in \(0, 1\), got 0\.0"),
+            ({"log_amplitude": -1.0}, r"log_amplitude must be a finite number >= 0, got -1\.0"),
+            ({"df": math.inf}, r"df must be a finite number > 0, got inf"),
+        ],
+    )
+    def test_speckle_rejects_bad_arguments(self, kwargs, match) -> None:
+        with pytest.raises(ValueError, match=match):
+            bright_speckle(np.ones(3), np.random.default_rng(0), **kwargs)
+
+
+class TestUnits:
+    @pytest.mark.parametrize("scale", [0.01, 37.5, 1000.0])
+    def test_reader_sees_the_scaled_image(self, tmp_path, scale) -> None:
+        plain = write_phantom(tmp_path / "plain", cases=2, seed=SEED, shape=SHAPE)
+        scaled = write_phantom(tmp_path / "scaled", cases=2, seed=SEED, shape=SHAPE,
+                               options=PhantomOptions(intensity_scale=scale))
+        for a, b in zip(plain, scaled, strict=True):
+            seg_a, seg_b = (f / f"{f.name}-seg.nii.gz" for f in (a, b))
+            assert seg_a.read_bytes() == seg_b.read_bytes()  # labels are never scaled
+            for name in CHANNELS:
+                img_a = nib.load(a / f"{a.name}-{name}.nii.gz")
+                img_b = nib.load(b / f"{b.name}-{name}.nii.gz")
+                assert img_b.get_data_dtype() == np.int16
+                raw = np.asarray(img_a.dataobj)
+                np.testing.assert_array_equal(np.asanyarray(img_b.dataobj.get_unscaled()), raw)
+                assert img_b.dataobj.slope == pytest.approx(scale, rel=1e-7)  # float32 header
+                want = scale * raw.astype(np.float64)
+                # float32 reading: relative rounding 2^-24 of the value plus the slope's own
+                np.testing.assert_allclose(img_b.get_fdata(dtype=np.float32), want, rtol=2e-7)
+                # the project's reader applies the slope too ((z, y, x) SimpleITK order)
+                sitk_values = sitk.GetArrayFromImage(
+                    read_nifti_image(b / f"{b.name}-{name}.nii.gz")).astype(np.float64)
+                np.testing.assert_allclose(sitk_values, want.T, rtol=2e-7)
+                # not quantised: as many distinct values as the unscaled image
+                assert np.unique(img_b.get_fdata()).size == np.unique(raw).size
+
+    def test_in_memory_case_records_the_scale(self) -> None:
+        plain = phantom_case(SEED, SHAPE)
+        scaled = phantom_case(SEED, SHAPE, options=PhantomOptions(intensity_scale=0.01))
+        assert scaled.intensity_scale == 0.01
+        for name in CHANNELS:
+            np.testing.assert_array_equal(scaled.images[name], plain.images[name])
+
+
+class TestOptionsValidation:
+    @pytest.mark.parametrize(
+        ("kwargs", "match"),
+        [
+            ({"volume_median_fraction": 0.0},
+             r"volume_median_fraction must be a number in \(0, 1\), got 0\.0"),
+            ({"volume_median_fraction": True}, r"volume_median_fraction .* got True"),
+            ({"volume_sigma": -0.1}, r"volume_sigma must be a finite number >= 0, got -0\.1"),
+            ({"volume_sigma": math.nan}, r"volume_sigma must be a finite number >= 0, got nan"),
+            ({"guarantee_extremes": "no"}, r"guarantee_extremes must be True or False, got 'no'"),
+            ({"tumour_shape": "round"},
+             r"tumour_shape must be one of \('compact', 'multifocal', 'elongated'\), "
+             r"got 'round'"),
+            ({"intensity_tail": "fat"},
+             r"intensity_tail must be one of \('light', 'heavy'\), got 'fat'"),
+            ({"intensity_scale": 0.0}, r"intensity_scale must be a number in \[1e-30, 1e\+30\]"
+                                       r" \(stored as a float32 scl_slope\), got 0\.0"),
+            ({"intensity_scale": -2.0}, r"intensity_scale .* got -2\.0"),
+        ],
+    )
+    def test_options_reject_bad_values(self, kwargs, match) -> None:
+        with pytest.raises(ValueError, match=match):
+            PhantomOptions(**kwargs)
+
+    def test_functions_reject_a_non_options(self, tmp_path) -> None:
+        match = r"options must be a PhantomOptions, got dict \{'tumour_shape': 'compact'\}"
+        bad = {"tumour_shape": "compact"}
+        with pytest.raises(TypeError, match=match):
+            phantom_case(0, SHAPE, options=bad)
+        with pytest.raises(TypeError, match=match):
+            tumour_volumes_ml(2, 0, SHAPE, options=bad)
+        with pytest.raises(TypeError, match=match):
+            write_phantom(tmp_path, cases=1, shape=SHAPE, options=bad)
+        assert list(tmp_path.iterdir()) == []
