@@ -5,6 +5,7 @@ from __future__ import annotations
 import logging
 import os
 import sys
+import time
 from pathlib import Path
 from typing import Annotated
 
@@ -361,6 +362,41 @@ def demo(
     _train(manifest=out / "manifest.json", store=store, dataset="phantom", out=out / "train",
            losses="manifest,bce,dice,focal", folds=2, epochs=epochs, batches_per_epoch=10,
            val_every=epochs, workers=1, device=device, seed=seed)
+
+
+@app.command()
+def evidence(
+    out: Annotated[Path, typer.Option(help="Working folder (data, stores, runs); a re-run "
+                                            "resumes there.")] = Path("runs/evidence"),
+    scale: Annotated[str, typer.Option(help="smoke (a minute, machinery only), default "
+                                            "(2D on the CPU, within an hour) or full (3D, "
+                                            "GPU).")] = "default",
+    report: Annotated[Path, typer.Option(help="Markdown report to write; its plots go "
+                                              "to a folder of the same name.")]
+    = Path("docs/evidence.md"),
+    families: Annotated[str | None, typer.Option(help="Comma-separated families (default: "
+                                                     "the scale's).")] = None,
+) -> None:
+    """The controlled study behind the manifest: phantom families, decisions, paired k-fold."""
+    from pipeline.evidence.study import get_scale, run_study
+
+    try:
+        sc = get_scale(scale)
+    except ValueError as err:
+        _fail(str(err), 2)
+    names = [f.strip() for f in families.split(",") if f.strip()] if families else None
+    console.print(f"evidence study, scale {sc.name}: {sc.description}", highlight=False)
+    start = time.perf_counter()
+
+    def line(text: str) -> None:
+        console.print(f"[{(time.perf_counter() - start) / 60:5.1f} min] {text}",
+                      highlight=False)
+
+    try:
+        result = run_study(out, sc, report=report, families=names, progress=line)
+    except ValueError as err:
+        _fail(str(err), 2)
+    console.print(f"report written to {report} ({result.seconds / 60:.1f} min)")
 
 
 from pipeline.download.cli import download as _download  # noqa: E402
