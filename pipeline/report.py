@@ -132,7 +132,9 @@ def forest_plot(rows: Sequence[ForestRow | tuple[str, PairedComparison]], path: 
     dpi = 100
     height = 1.3 + 0.32 * len(lines) + (0.25 if favours else 0.0)
     fig, ax = plt.subplots(figsize=(10.0, height), dpi=dpi)
-    fig.subplots_adjust(left=0.2, right=0.6, top=1 - 0.55 / height,
+    # room for the longest label (about 0.072 in per character at the tick font size)
+    left = min(0.4, max(0.2, 0.02 + 0.0072 * max(len(text) for text, _ in lines)))
+    fig.subplots_adjust(left=left, right=0.62, top=1 - 0.55 / height,
                         bottom=(0.65 + (0.25 if favours else 0.0)) / height)
     ys = list(range(len(lines), 0, -1))
     for y, (_, row) in zip(ys, lines, strict=True):

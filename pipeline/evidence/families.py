@@ -11,19 +11,20 @@ normal deviates behind the tumour volumes, so they differ only in the family's p
 ===================  ==========================  ============================================
 family               arms                        expected
 ===================  ==========================  ============================================
-imbalance            tiny, small, large          R1: tversky, tversky, dice
+imbalance            tiny, small, large          R1: dice, dice, dice
 size_tail            narrow, wide                R2: bce, focal
 intensity_tail       light, heavy                R3: none, clip
-slice_heterogeneity  compact, multifocal,        R5: fixed, adaptive_tversky, fixed
+slice_heterogeneity  compact, multifocal,        R5: fixed, heterogeneous, fixed
                      elongated
 units                x0.01, x37.5, x1000         every decision identical across arms
                                                  (``Family.invariant``)
 ===================  ==========================  ============================================
 
-Rules (`stats.rules`): R1 median tumour fraction of the brain < 5 % → Tversky, < 20 % →
-Dice; R2 skewness of tumour volume > 1 → focal; R3 heavy intensity tails after the
-normalization plan → tighter input clipping ("clip"); R5 coefficient of variation of
-the per-slice tumour fraction > 1 → adaptive Tversky.
+Rules (`stats.rules`): R1 median tumour fraction of the brain < 20 % → Dice region term;
+R2 skewness of tumour volume shown > 1 (one-sided 95 % lower bound) → focal; R3 heavy
+intensity tails after the normalization plan → tighter input clipping ("clip"); R5
+coefficient of variation of the per-slice tumour fraction within the tumour's extent
+> 2/sqrt(5) → "heterogeneous" (recorded; the loss is unchanged).
 
 Choices that depart from the plain description, and why (measured with
 `pipeline.sources.phantom.tumour_volumes_ml`, 300 seeds, 16 and 24 cases, shapes
@@ -70,7 +71,7 @@ class Arm:
     options : PhantomOptions
         Generator options of the arm's dataset.
     expected : mapping of str to str
-        Rule id (`RULE_IDS`) → the outcome the arm is built to trigger (``"tversky"``,
+        Rule id (`RULE_IDS`) → the outcome the arm is built to trigger (``"dice"``,
         ``"focal"``, ...); empty in an invariant family. Stored read-only.
 
     Raises
@@ -196,11 +197,11 @@ FAMILIES: dict[str, Family] = {
             name="imbalance",
             varies="median tumour share of the brain (class imbalance)",
             description="Tumours of about 0.1 %, 1 % and 8 % of the brain volume (log-normal, "
-                        "sigma 0.25, no forced tiny or large case): R1 picks Tversky below "
-                        "5 % and Dice below 20 %.",
+                        "sigma 0.25, no forced tiny or large case): R1 adds a Dice region term "
+                        "below 20 %.",
             arms=(
-                Arm("tiny", _narrow(0.001), {"R1": "tversky"}),
-                Arm("small", _narrow(0.01), {"R1": "tversky"}),
+                Arm("tiny", _narrow(0.001), {"R1": "dice"}),
+                Arm("small", _narrow(0.01), {"R1": "dice"}),
                 Arm("large", _narrow(0.08), {"R1": "dice"}),
             ),
         ),
@@ -209,7 +210,8 @@ FAMILIES: dict[str, Family] = {
             varies="spread (right tail) of the tumour-volume distribution",
             description="Median tumour 1 % of the brain; log-normal sigma 0.1 without forced "
                         "extremes (narrow) or sigma 1.2 with a forced tiny and large case "
-                        "(wide): R2 turns focal when the volume skewness exceeds 1.",
+                        "(wide): R2 turns focal when the volume skewness is shown to exceed "
+                        "1 (its one-sided 95 % lower bound).",
             arms=(
                 Arm("narrow", PhantomOptions(volume_median_fraction=0.01, volume_sigma=0.1,
                                              guarantee_extremes=False), {"R2": "bce"}),
@@ -233,12 +235,13 @@ FAMILIES: dict[str, Family] = {
             varies="variation of the tumour burden across axial slices",
             description="One compact body, 2-4 foci apart along z (gaps and strong "
                         "variation of the per-slice burden), or one body stretched 3:1 along "
-                        "z (a single smooth profile): R5 adapts the region weights when the "
-                        "per-slice coefficient of variation exceeds 1.",
+                        "z (a single smooth profile): R5 calls the burden heterogeneous when "
+                        "the per-slice coefficient of variation within the tumour's extent "
+                        "exceeds 2/sqrt(5).",
             arms=(
                 Arm("compact", PhantomOptions(tumour_shape="compact"), {"R5": "fixed"}),
                 Arm("multifocal", PhantomOptions(tumour_shape="multifocal"),
-                    {"R5": "adaptive_tversky"}),
+                    {"R5": "heterogeneous"}),
                 Arm("elongated", PhantomOptions(tumour_shape="elongated"), {"R5": "fixed"}),
             ),
         ),

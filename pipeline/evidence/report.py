@@ -93,7 +93,11 @@ def write_report(result: Any, path: Path, env: Mapping[str, str]) -> Path:
         f"U-Net {tr.features} features × {tr.levels} levels; whole-tumour target",
         f"- device {result.device} (GPU: {env.get('gpu', 'none')}), {env.get('cpu', '')}; "
         f"python {env.get('python')}, torch {env.get('torch')}, code {env.get('code_version')}",
-        f"- wall time {result.seconds / 60:.1f} min, finished {env.get('finished')}",
+        f"- {result.trained + result.reused} folds; their training time (validation "
+        f"excluded, summed over folds) {result.train_seconds / 60:.1f} min; this invocation "
+        f"trained {result.trained} and reused {result.reused} from an earlier one of the "
+        f"same configuration (same loss, plan and protocol), wall time "
+        f"{result.seconds / 60:.1f} min, finished {env.get('finished')}",
         "",
         "Differences are **manifest − comparator**, per case, in percentage points for "
         "Dice, precision and recall and in mm for HD95 (lower HD95 is better, so a "

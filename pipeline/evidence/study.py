@@ -17,8 +17,10 @@ pipeline (phantom → ingest → statistics → manifest), then
 
 The report (``docs/evidence.md`` by default) states the scale, device and time it ran
 with, every table, and the issue's acceptance checks computed from the numbers. Runs
-resume: data, statistics and manifests are reused when present, and each finished
-(variant, seed, fold) keeps its ``result.json`` (`pipeline.train.loop.train_fold`).
+resume: the stores and the per-case statistics are reused, and each finished
+(variant, seed, fold) keeps its ``result.json`` (`pipeline.train.loop.train_fold`) in a
+folder keyed by a hash of what it trained (`run_key`), so nothing stale is reused after
+the rules change.
 
 The families of the units property are not trained: the study checks that their manifests
 are identical (same transforms, same loss, same clip percentiles); identical manifests and
@@ -27,6 +29,7 @@ identically z-scored inputs make training on them a repetition.
 
 from __future__ import annotations
 
+import hashlib
 import json
 import logging
 import math
@@ -164,8 +167,8 @@ class ArmData:
 
 def prepare_arm(root: Path, family: Family, arm: Arm, scale: StudyScale, *,
                 seed: int = 0) -> ArmData:
-    """Write the arm's phantom, ingest it, measure it and build its manifest (reused when
-    the store already holds every case)."""
+    """Write the arm's phantom and ingest it (skipped when the store already holds every
+    case), then measure it and build its manifest."""
     from pipeline.ingest import ingest
     from pipeline.stats_runner import run_stats
     from pipeline.store import DatasetStore, Grid
@@ -181,21 +184,21 @@ def prepare_arm(root: Path, family: Family, arm: Arm, scale: StudyScale, *,
             have = len(DatasetStore.open(store, DATASET).committed())
         except Exception:  # a store from an interrupted first run: ingest finishes it
             have = 0
-    if have < scale.cases or not manifest_path.exists():
-        if have < scale.cases:
-            source = folder / "source"
-            write_arm(source, family, arm, cases=scale.cases, seed=seed, shape=scale.shape)
-            report = ingest(source, store, DATASET, layout="brats",
-                            grid=Grid(spacing=(1.0, 1.0, 1.0), shape=scale.shape),
-                            workers=1, recompute=False)
-            if report.exit_code != 0:
-                bad = [f"{o.case_id}: {o.reason}" for o in report.by_status("quarantined")]
-                raise RuntimeError(f"evidence arm {family.name}/{arm.name}: ingest exited "
-                                   f"{report.exit_code}; quarantined: {bad}")
-        stats = run_stats(store, DATASET, scheduler="synchronous")
-        stats_path.write_text(stats.model_dump_json(indent=1))
-        manifest = build_manifest(stats, seed=seed)
-        write_manifest(manifest, manifest_path)
+    if have < scale.cases:
+        source = folder / "source"
+        write_arm(source, family, arm, cases=scale.cases, seed=seed, shape=scale.shape)
+        report = ingest(source, store, DATASET, layout="brats",
+                        grid=Grid(spacing=(1.0, 1.0, 1.0), shape=scale.shape),
+                        workers=1, recompute=False)
+        if report.exit_code != 0:
+            bad = [f"{o.case_id}: {o.reason}" for o in report.by_status("quarantined")]
+            raise RuntimeError(f"evidence arm {family.name}/{arm.name}: ingest exited "
+                               f"{report.exit_code}; quarantined: {bad}")
+    # Statistics (incremental: persisted per-case partials are reused) and the manifest
+    # are rebuilt on every run, so a change of the rules is always seen.
+    stats = run_stats(store, DATASET, scheduler="synchronous")
+    stats_path.write_text(stats.model_dump_json(indent=1))
+    write_manifest(build_manifest(stats, seed=seed), manifest_path)
     stats = DatasetStats.model_validate_json(stats_path.read_text())
     manifest = load_manifest(manifest_path)
     return ArmData(family.name, arm.name, store, stats_path, manifest_path, manifest, stats,
@@ -352,6 +355,9 @@ class StudyResult:
     failures: list[str] = field(default_factory=list)
     seconds: float = 0.0
     device: str = ""
+    trained: int = 0
+    reused: int = 0
+    train_seconds: float = 0.0
 
 
 Progress = Callable[[str], None]
@@ -378,9 +384,13 @@ def train_arm(data: ArmData, scale: StudyScale, out_dir: Path, result: StudyResu
         cfg = replace(scale.train, seed=seed)
         for fold in kfold_split(case_ids, scale.folds, seed):
             for v in variants:
-                fold_dir = (out_dir / "runs" / f"{data.family}-{data.arm}" / _slug(v.name)
+                fold_dir = (out_dir / "runs" / f"{data.family}-{data.arm}" / run_key(v, cfg)
                             / f"seed{seed}" / f"fold{fold.index}")
                 t0 = time.perf_counter()
+                if (fold_dir / "result.json").exists():
+                    result.reused += 1
+                else:
+                    result.trained += 1
                 try:
                     res = train_fold(data.store, DATASET, fold, v.name, dict(v.spec), v.plan,
                                      cfg, fold_dir, spacing_zyx=spacing_zyx, resume=True)
@@ -388,6 +398,7 @@ def train_arm(data: ArmData, scale: StudyScale, out_dir: Path, result: StudyResu
                     result.failures.append(f"{key} {v.name} seed {seed} fold {fold.index}: "
                                            f"{err}")
                     continue
+                result.train_seconds += res.train_seconds
                 for c in res.cases:
                     result.per_case.append({
                         "family": data.family, "arm": data.arm, "variant": v.name,
@@ -409,6 +420,17 @@ def _float(v: Any) -> float:
 
 def _slug(name: str) -> str:
     return "".join(ch if ch.isalnum() else "_" for ch in name).strip("_")
+
+
+def run_key(variant: Variant, cfg: Any) -> str:
+    """Folder name of a variant's runs: its name and a hash of what it trains (loss spec,
+    normalization plan, protocol without the seed), so that a re-run after the rules or
+    the protocol changed never reuses a stale result, and one after nothing changed
+    reuses every finished fold."""
+    protocol = {k: v for k, v in cfg.to_dict().items() if k != "seed"}
+    blob = json.dumps({"spec": variant.spec, "plan": variant.plan.to_dict(),
+                       "train": protocol}, sort_keys=True, default=str)
+    return f"{_slug(variant.name)}-{hashlib.sha256(blob.encode()).hexdigest()[:10]}"
 
 
 # ----------------------------------------------------------------------------- analysis

@@ -66,12 +66,12 @@ class TestDefinitions:
         table = {name: [(a.name, dict(a.expected)) for a in f.arms]
                  for name, f in FAMILIES.items()}
         assert table == {
-            "imbalance": [("tiny", {"R1": "tversky"}), ("small", {"R1": "tversky"}),
+            "imbalance": [("tiny", {"R1": "dice"}), ("small", {"R1": "dice"}),
                           ("large", {"R1": "dice"})],
             "size_tail": [("narrow", {"R2": "bce"}), ("wide", {"R2": "focal"})],
             "intensity_tail": [("light", {"R3": "none"}), ("heavy", {"R3": "clip"})],
             "slice_heterogeneity": [("compact", {"R5": "fixed"}),
-                                    ("multifocal", {"R5": "adaptive_tversky"}),
+                                    ("multifocal", {"R5": "heterogeneous"}),
                                     ("elongated", {"R5": "fixed"})],
             "units": [("x0.01", {}), ("x37.5", {}), ("x1000", {})],
         }
@@ -107,7 +107,7 @@ class TestDefinitions:
         arms = [a for f in FAMILIES.values() for a in f.arms]
         assert len(set(arms)) == len(arms) == 13
         assert len(set(FAMILIES.values())) == 5
-        copy = Arm("tiny", FAMILIES["imbalance"].arms[0].options, {"R1": "tversky"})
+        copy = Arm("tiny", FAMILIES["imbalance"].arms[0].options, {"R1": "dice"})
         assert copy == FAMILIES["imbalance"].arms[0]
         assert hash(copy) == hash(FAMILIES["imbalance"].arms[0])
 

@@ -45,6 +45,23 @@ class TestSameLoss:
                                        "params": {"gamma": 1.5}}), {"name": "focal"})
 
 
+@pytest.mark.parametrize("name", ["smoke", "default", "full"])
+def test_every_scale_is_a_valid_protocol(name: str) -> None:
+    scale = get_scale(name)
+    assert scale.name == name
+    assert scale.folds >= 2 and scale.seeds
+    assert set(scale.families or FAMILIES) <= set(FAMILIES)
+    if name == "full":  # 3D patches that fit the phantom's grid (Z <= 64, Y, X <= 96)
+        assert scale.train.sampling.dim == "3d"
+        assert scale.train.device == "cuda"
+
+
+def test_unknown_scale_lists_the_known_ones() -> None:
+    with pytest.raises(ValueError, match=r"unknown study scale 'huge'; known: \['default', "
+                                         r"'full', 'smoke'\]"):
+        get_scale("huge")
+
+
 @pytest.fixture(scope="module")
 def small_scale():
     scale = get_scale("smoke")

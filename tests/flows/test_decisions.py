@@ -52,10 +52,11 @@ def test_changed_transform_is_named_but_not_its_data_driven_offset(plain_run: Pl
 
 
 def test_rule_parameter_change_counts_below_noise_does_not(plain_run: PlainRun) -> None:
-    m = plain_run.manifest
-    d = next(d for d in m.loss.decisions if d.params
-             and any(isinstance(v, float) for v in d.params.values()))
-    name, value = next((k, v) for k, v in d.params.items() if isinstance(v, float))
+    # a decision with a float parameter (the calibrated rules may record none at this
+    # size): give R1 one, then move it by noise and by a real amount
+    m = _with_decision(plain_run.manifest, "R1", params={"probe": 0.5})
+    d = next(d for d in m.loss.decisions if d.rule == "R1")
+    name, value = "probe", 0.5
     noisy = _with_decision(m, d.rule, params={**d.params, name: value * (1 + 1e-12)})
     assert decision_changes(m, noisy) == []
     moved = _with_decision(m, d.rule, params={**d.params, name: value + 0.25})

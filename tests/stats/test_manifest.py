@@ -85,7 +85,7 @@ class TestBuild:
             assert manifest.normalization[ch].transform.name == sel.chosen
 
     def test_loss_and_decisions(self, manifest: Manifest) -> None:
-        assert [t.name for t in manifest.loss.terms] == ["adaptive_tversky", "focal"]
+        assert [t.name for t in manifest.loss.terms] == ["dice", "focal"]
         assert [d.rule for d in manifest.loss.decisions] == ["R1", "R2", "R3", "R5", "R4"]
         assert manifest.loss.weighting.method == "static"
 
@@ -113,8 +113,7 @@ class TestLossSpec:
         assert spec["name"] == "manifest"
         assert spec["weighting"] == {"method": "static", "params": {}}
         assert spec["terms"][0] == {
-            "name": "adaptive_tversky", "weight": 1.0,
-            "params": {"A": 0.3, "B": 0.4, "regions_per_axis": 2, "include_background": False}}
+            "name": "dice", "weight": 1.0, "params": {"include_background": False}}
         for term in spec["terms"]:
             assert set(term) == {"name", "weight", "params"}
         json.dumps(spec)   # plain JSON types only
@@ -135,7 +134,7 @@ class TestLossSpec:
         value = loss(logits, target)
         assert value.ndim == 0
         assert torch.isfinite(value)
-        assert loss.term_names == ("adaptive_tversky", "focal")
+        assert loss.term_names == ("dice", "focal")
 
 
 def without_histograms(stats: DatasetStats) -> DatasetStats:
@@ -443,9 +442,9 @@ def test_decisions_table(manifest: Manifest) -> None:
     rows = decisions_table(manifest)
     assert rows[0][0] == "R1 class imbalance"
     assert rows[0][1].startswith("median tumour fraction of brain voxels per case = 0.00")
-    assert rows[0][2].startswith("Tversky region term added")
+    assert rows[0][2].startswith("Dice region term added")
     assert [r[0] for r in rows[:5]] == ["R1 class imbalance", "R2 tumour-size tail",
-                                        "R3 intensity tails", "R5 region adaptation",
+                                        "R3 intensity tails", "R5 slice heterogeneity",
                                         "R4 term weighting"]
     assert [r[0] for r in rows[5:]] == ["transform intensity/t1/brain",
                                         "transform intensity/t2/brain"]

@@ -21,12 +21,9 @@ import scipy.stats
 
 from stats import rules
 from stats.rules import (
-    ADAPT_A,
-    ADAPT_B,
     ADAPT_CV_THRESHOLD,
     FOCAL_SKEW_THRESHOLD,
     IMBALANCE_MILD,
-    IMBALANCE_STRONG,
     KURTOSIS_THRESHOLD,
     RULES,
     SKEW_MIN_N,
@@ -347,9 +344,9 @@ def base(rng: np.random.Generator) -> DatasetStats:
 # ----------------------------------------------------------------------- R1
 class TestImbalance:
     @pytest.mark.parametrize(("f", "outcome"), [
-        (0.006, "tversky"),
-        (IMBALANCE_STRONG - 1e-9, "tversky"),
-        (IMBALANCE_STRONG, "dice"),
+        (0.001, "dice"),    # issue 10 calibration: Dice at every imbalance below 20 %
+        (0.006, "dice"),
+        (0.05, "dice"),
         (0.12, "dice"),
         (IMBALANCE_MILD - 1e-9, "dice"),
         (IMBALANCE_MILD, "none"),
@@ -363,10 +360,13 @@ class TestImbalance:
         assert d.measured == f
         assert d.fired is (outcome != "none")
 
-    def test_tversky_weights_and_sentence(self, base: DatasetStats) -> None:
+    def test_issue10_calibration_strong_imbalance_gets_dice_not_tversky(
+            self, base: DatasetStats) -> None:
+        # docs/evidence-calibration.md: Tversky 0.3/0.7 + BCE trailed Dice + CE in 7 of 8
+        # arms; the rule now adds Dice, without Tversky weights
         d = imbalance_rule(with_median_fraction(base, 0.006))
-        assert d.params == {"alpha": 0.3, "beta": 0.7}
-        assert d.text.startswith("median tumour fraction per case 0.6% < 5%: Tversky region term")
+        assert d.params == {}
+        assert d.text == "median tumour fraction per case 0.6% < 20%: Dice region term added"
 
     def test_median_comes_from_the_samples(self, rng: np.random.Generator) -> None:
         fr = np.array([0.01, 0.02, 0.03, 0.2, 0.4])   # numpy median: 0.03
@@ -631,21 +631,19 @@ class TestAdaptation:
         return with_profiles(stats, [cv_profile(cv)] * 5)
 
     @pytest.mark.parametrize(("cv", "region", "outcome"), [
-        (ADAPT_CV_THRESHOLD * (1 + 1e-6), "tversky", "adaptive_tversky"),
-        (3.0, "dice", "adaptive_tversky"),
-        (ADAPT_CV_THRESHOLD * (1 - 1e-6), "tversky", "fixed"),
-        (0.4, "tversky", "fixed"),
-        (3.0, "none", "none"),
+        (ADAPT_CV_THRESHOLD * (1 + 1e-6), "dice", "heterogeneous"),
+        (3.0, "dice", "heterogeneous"),
+        (3.0, "none", "heterogeneous"),
+        (ADAPT_CV_THRESHOLD * (1 - 1e-6), "dice", "fixed"),
+        (0.4, "dice", "fixed"),
     ])
     def test_both_sides_of_the_threshold(self, base: DatasetStats, cv: float, region: str,
                                          outcome: str) -> None:
         d = adaptation_rule(self.with_cv(base, cv), region)
         assert d.outcome == outcome
-        assert d.fired is (outcome == "adaptive_tversky")
+        assert d.fired is (outcome == "heterogeneous")
         assert d.measured == pytest.approx(cv, rel=1e-12)
-        if d.fired:
-            assert d.params == {"A": ADAPT_A, "B": ADAPT_B, "regions_per_axis": 2}
-            assert math.isclose(2 * ADAPT_A + ADAPT_B, 1.0)   # alpha + beta = 1 (Chen 2023)
+        assert d.params == {}  # issue 10 calibration: recorded, the loss is not changed
 
     def test_threshold_is_twice_one_ellipsoid(self) -> None:
         assert math.isclose(ADAPT_CV_THRESHOLD, 2 * ELLIPSOID_CV, rel_tol=1e-15)
@@ -684,7 +682,7 @@ class TestAdaptation:
     def test_issue10_r5_compact_tumour_does_not_fire(self, base: DatasetStats,
                                                      semis: tuple[int, ...]) -> None:
         d = adaptation_rule(with_profiles(base, [ellipsoid_profile(s) for s in semis]),
-                            "tversky")
+                            "dice")
         assert (d.outcome, d.fired) == ("fixed", False)
         assert d.measured == pytest.approx(ELLIPSOID_CV, abs=1.0 / min(semis))
 
@@ -703,7 +701,7 @@ class TestAdaptation:
         closed = math.sqrt(1.2 / (1 - g) - 1)
         profiles = [multifocal_profile(semis, gaps, start=10.0 + i) for i in range(5)]
         d = adaptation_rule(with_profiles(base, profiles), "tversky")
-        assert (d.outcome, d.fired) == ("adaptive_tversky", True)
+        assert (d.outcome, d.fired) == ("heterogeneous", True)
         assert d.measured == pytest.approx(closed, abs=1.0 / min(semis))
         assert d.measured > ADAPT_CV_THRESHOLD
 
@@ -745,16 +743,24 @@ class TestWeighting:
 class TestDecideLoss:
     def test_small_multifocal_heavy_tailed_tumours(self, base: DatasetStats) -> None:
         plan = decide_loss(base)
-        assert [t.name for t in plan.terms] == ["adaptive_tversky", "focal"]
+        assert [t.name for t in plan.terms] == ["dice", "focal"]
         assert (plan.weighting.method, plan.weighting.params) == ("static", {})
         assert [d.rule for d in plan.decisions] == ["R1", "R2", "R3", "R5", "R4"]
-        at, focal = plan.terms
-        assert at.params == {"A": 0.3, "B": 0.4, "regions_per_axis": 2,
-                             "include_background": False}
-        assert set(focal.params) == {"gamma"}   # the test's p-value stays in the decision
+        dice, focal = plan.terms
+        assert dice.params == {"include_background": False}
+        assert set(focal.params) == {"gamma"}   # the bound stays in the decision
         assert 1.0 <= focal.params["gamma"] <= 3.0
         r3 = plan.decisions[2]
         assert (r3.outcome, set(r3.params)) == ("clip", {"t1"})
+
+    def test_issue10_calibration_heterogeneous_burden_leaves_the_loss(
+            self, base: DatasetStats) -> None:
+        # R5 fires (multifocal profiles) but no longer swaps in adaptive Tversky
+        multifocal = with_profiles(base, [multifocal_profile((5, 5, 5), (15, 15))] * 5)
+        compact = with_profiles(base, [ellipsoid_profile(8)] * 5)
+        a, b = decide_loss(multifocal), decide_loss(compact)
+        assert (a.decisions[3].outcome, b.decisions[3].outcome) == ("heterogeneous", "fixed")
+        assert [t.name for t in a.terms] == [t.name for t in b.terms] == ["dice", "focal"]
 
     def test_issue10_r3_adds_no_loss_term(self, base: DatasetStats) -> None:
         plan = decide_loss(base)
@@ -768,11 +774,11 @@ class TestDecideLoss:
         assert plan.terms[0].params == {}
         assert (plan.weighting.method, plan.weighting.params) == ("static", {})
 
-    def test_compact_tumours_keep_fixed_tversky(self, base: DatasetStats) -> None:
+    def test_compact_tumours_keep_dice(self, base: DatasetStats) -> None:
         s = with_profiles(base, [ellipsoid_profile(4 + i % 12) for i in range(60)])
         plan = decide_loss(s)
-        assert [t.name for t in plan.terms] == ["tversky", "focal"]
-        assert plan.terms[0].params == {"alpha": 0.3, "beta": 0.7, "include_background": False}
+        assert [t.name for t in plan.terms] == ["dice", "focal"]
+        assert plan.terms[0].params == {"include_background": False}
         assert plan.weighting.method == "static"   # two terms of one scale: equal weights
 
     def test_every_term_reason_names_its_rule(self, base: DatasetStats) -> None:
