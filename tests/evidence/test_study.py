@@ -49,11 +49,14 @@ class TestSameLoss:
 def test_every_scale_is_a_valid_protocol(name: str) -> None:
     scale = get_scale(name)
     assert scale.name == name
-    assert scale.folds >= 2 and scale.seeds
+    assert scale.folds >= 2
+    assert scale.seeds
     assert set(scale.families or FAMILIES) <= set(FAMILIES)
     if name == "full":  # 3D patches that fit the phantom's grid (Z <= 64, Y, X <= 96)
         assert scale.train.sampling.dim == "3d"
         assert scale.train.device == "cuda"
+        z, y, x = scale.train.sampling.patch_size
+        assert (z, y, x) <= (scale.shape[2], scale.shape[1], scale.shape[0])
 
 
 def test_unknown_scale_lists_the_known_ones() -> None:
