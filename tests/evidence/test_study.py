@@ -55,8 +55,9 @@ def test_every_scale_is_a_valid_protocol(name: str) -> None:
     if name == "full":  # 3D patches that fit the phantom's grid (Z <= 64, Y, X <= 96)
         assert scale.train.sampling.dim == "3d"
         assert scale.train.device == "cuda"
-        z, y, x = scale.train.sampling.patch_size
-        assert (z, y, x) <= (scale.shape[2], scale.shape[1], scale.shape[0])
+        grid_zyx = scale.shape[::-1]
+        assert all(p <= g for p, g in zip(scale.train.sampling.patch_size, grid_zyx,
+                                          strict=True))
 
 
 def test_unknown_scale_lists_the_known_ones() -> None:
