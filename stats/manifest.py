@@ -69,6 +69,7 @@ __all__ = [
     "ManifestError",
     "Provenance",
     "build_manifest",
+    "channel_normalization",
     "decisions_table",
     "export_schema",
     "load_manifest",
@@ -268,8 +269,18 @@ def _package_versions() -> dict[str, str]:
     return out
 
 
-def _normalization(stats: DatasetStats, ch: str, sel: Selection,
-                   percentiles: tuple[float, float] = CLIP_PERCENTILES) -> ChannelNormalization:
+def channel_normalization(stats: DatasetStats, ch: str, sel: Selection,
+                          percentiles: tuple[float, float] = CLIP_PERCENTILES
+                          ) -> ChannelNormalization:
+    """The normalization plan of channel ``ch``: transform ``sel``, clip at
+    ``percentiles`` of its brain intensities, z-score with the clipped mean and std.
+
+    Raises
+    ------
+    ValueError
+        When the channel has no brain voxels, or its std after the clip is 0 (the message
+        names the field).
+    """
     dist = stats.intensity[ch]["brain"]
     where = f"statistics of {stats.dataset!r}: intensity.{ch}.brain"
     t = sel.transform()
@@ -347,8 +358,8 @@ def build_manifest(stats: DatasetStats, *, seed: int = 0,
                              f"is missing")
         transforms[f"intensity/{ch}/brain"] = select(stats.intensity[ch]["brain"])
     plan = decide_loss(stats)
-    normalization = {ch: _normalization(stats, ch, transforms[f"intensity/{ch}/brain"],
-                                        clip_percentiles(plan, ch))
+    normalization = {ch: channel_normalization(stats, ch, transforms[f"intensity/{ch}/brain"],
+                                               clip_percentiles(plan, ch))
                      for ch in stats.channels}
     return Manifest(
         dataset=DatasetInfo(

@@ -245,13 +245,13 @@ class Variant:
 
 def _identity_manifest(manifest: Any, stats: Any) -> Any:
     """The manifest with identity transforms and the default 0.5/99.5 clip."""
-    from stats.manifest import CLIP_PERCENTILES, _normalization
+    from stats.manifest import CLIP_PERCENTILES, channel_normalization
 
     norm = {}
     for ch in manifest.dataset.channels:
         sel = manifest.transforms[f"intensity/{ch}/brain"]
         ident = sel.model_copy(update={"chosen": "identity", "params": {}, "expression": "x"})
-        norm[ch] = _normalization(stats, ch, ident, CLIP_PERCENTILES)
+        norm[ch] = channel_normalization(stats, ch, ident, CLIP_PERCENTILES)
     return manifest.model_copy(update={"normalization": norm})
 
 
