@@ -28,7 +28,7 @@ demo: setup
 test: setup
 	$(PY) -m pytest -q
 
-# The controlled study behind the manifest's rules; writes docs/evidence.md (38 minutes
+# The controlled study behind the manifest's rules; writes docs/evidence.md (under 40 minutes
 # on 2 CPU cores). SCALE=full runs it in 3D on a GPU; SCALE=smoke checks the machinery.
 # Reports: default -> docs/evidence.md, full -> docs/evidence-full.md (both committed),
 # smoke -> runs/evidence-smoke/evidence.md (never over a committed report).

@@ -19,9 +19,11 @@ value means the data are not what the candidate was built for.
 
 Offsets and scales (`candidates_for`)
 -------------------------------------
-- intensity: ``c = 1`` intensity unit (MRI magnitudes are >= 0 and single channels have
-  exact zeros inside the brain mask); ``s`` = the channel's upper bound (the engine's
-  histogram upper edge, a power of two above the maximum recorded at ingest).
+- intensity: the engine passes ``c = M * 2**-10`` and ``s = M``, with M the channel's
+  largest value over the dataset (`stats.dataset.intensity_transforms`), so the choice
+  does not depend on the units (MRI magnitudes are >= 0 and single channels have exact
+  zeros inside the brain mask, hence the offset); ``candidates_for``'s own default
+  offset for intensities, 1, is for callers without a maximum.
 - fraction (tumour share of brain voxels, per case or slice): arcsin-sqrt with
   ``s = 1`` needs no offset; the logarithms use ``c`` = one voxel's share of the
   brain, ``1 / n_brain_voxels`` (the smallest non-zero fraction that can be measured),

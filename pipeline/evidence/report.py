@@ -182,6 +182,9 @@ def write_report(result: Any, path: Path, env: Mapping[str, str]) -> Path:
             terms = " + ".join(f"{t['name']}{_params(t['params'])}" for t in spec["terms"])
             lines += [f"### {key}", "",
                       f"Manifest: {terms}; weighting {spec['weighting']['method']}.", ""]
+            if key in result.same_data:
+                lines += [f"The same phantom as {result.same_data[key]} (same options and "
+                          f"seed): its training results are reused, not trained again.", ""]
             body = []
             for v in variants:
                 cells = [v]

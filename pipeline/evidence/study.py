@@ -31,7 +31,6 @@ from __future__ import annotations
 
 import hashlib
 import json
-import logging
 import math
 import platform
 import time
@@ -45,8 +44,6 @@ import numpy as np
 
 from pipeline.evidence.families import FAMILIES, Arm, Family, write_arm
 from stats.paired import PairedComparison, paired_comparison
-
-log = logging.getLogger(__name__)
 
 __all__ = [
     "BASELINES",
@@ -352,6 +349,7 @@ class StudyResult:
     per_case: list[dict[str, Any]] = field(default_factory=list)
     variants: dict[str, list[dict[str, str]]] = field(default_factory=dict)
     aliases: dict[str, dict[str, str]] = field(default_factory=dict)
+    same_data: dict[str, str] = field(default_factory=dict)
     failures: list[str] = field(default_factory=list)
     seconds: float = 0.0
     device: str = ""
@@ -409,6 +407,19 @@ def train_arm(data: ArmData, scale: StudyScale, out_dir: Path, result: StudyResu
                     dice = np.nanmean([_float(c.get("dice")) for c in res.cases])
                     progress(f"{key} seed {seed} fold {fold.index} {v.name}: Dice "
                              f"{100 * dice:.1f} ({time.perf_counter() - t0:.0f} s)")
+
+
+def copy_arm(result: StudyResult, source: str, target: str) -> None:
+    """Give arm ``target`` the training results of arm ``source`` (``family/arm`` keys),
+    which was built from the same phantom options and seed: the same data, hence (the
+    trainer is deterministic) the same results. Recorded in ``result.same_data``."""
+    family, arm = target.split("/")
+    src_family, src_arm = source.split("/")
+    result.per_case += [{**r, "family": family, "arm": arm} for r in result.per_case
+                        if r["family"] == src_family and r["arm"] == src_arm]
+    result.variants[target] = result.variants[source]
+    result.aliases[target] = result.aliases[source]
+    result.same_data[target] = source
 
 
 def _float(v: Any) -> float:
@@ -495,6 +506,7 @@ def run_study(out_dir: Path, scale: StudyScale, *, report: Path | None = None,
         raise ValueError(f"unknown families {unknown!r}; known: {sorted(FAMILIES)}")
     result = StudyResult(scale=scale, out_dir=out_dir,
                          device=str(select_device(scale.train.device)))
+    trained: dict[Any, str] = {}  # phantom options -> the arm that trained on them
     for name in names:
         family = FAMILIES[name]
         for arm in family.arms:
@@ -507,6 +519,14 @@ def run_study(out_dir: Path, scale: StudyScale, *, report: Path | None = None,
                          f"{data.manifest.loss.weighting.method}")
             if family.invariant:
                 continue
+            key = f"{family.name}/{arm.name}"
+            same = trained.get(arm.options)
+            if same is not None:  # the same phantom as an earlier arm: its results stand
+                copy_arm(result, same, key)
+                if progress:
+                    progress(f"{key}: the same data as {same}; its results are reused")
+                continue
+            trained[arm.options] = key
             train_arm(data, scale, out_dir, result, progress)
     result.seconds = time.perf_counter() - t0
     raw = out_dir / "per_case.json"

@@ -16,8 +16,10 @@ import pytest
 from pipeline.evidence.families import FAMILIES
 from pipeline.evidence.study import (
     BASELINES,
+    StudyResult,
     _same_loss,
     compare,
+    copy_arm,
     get_scale,
     manifest_signature,
     prepare_arm,
@@ -136,3 +138,19 @@ def test_smoke_study_trains_pairs_reports_and_resumes(tmp_path: Path, small_scal
     again = run_study(out, small_scale, report=report, families=["intensity_tail"])
     assert [p.stat().st_mtime_ns for p in results] == stamps
     assert again.per_case == result.per_case
+
+
+def test_an_arm_with_the_same_phantom_reuses_the_earlier_results(small_scale) -> None:
+    # intensity_tail/light and slice_heterogeneity/compact are both the default phantom
+    light = FAMILIES["intensity_tail"].arm("light").options
+    assert FAMILIES["slice_heterogeneity"].arm("compact").options == light
+    result = StudyResult(scale=small_scale, out_dir=Path("."))
+    row = {"family": "intensity_tail", "arm": "light", "variant": "bce", "case_id": "c0",
+           "dice": 0.5}
+    result.per_case.append(row)
+    result.variants["intensity_tail/light"] = [{"name": "bce"}]
+    result.aliases["intensity_tail/light"] = {}
+    copy_arm(result, "intensity_tail/light", "slice_heterogeneity/compact")
+    assert result.per_case == [row, {**row, "family": "slice_heterogeneity", "arm": "compact"}]
+    assert result.same_data == {"slice_heterogeneity/compact": "intensity_tail/light"}
+    assert result.variants["slice_heterogeneity/compact"] == [{"name": "bce"}]
