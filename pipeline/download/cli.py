@@ -161,7 +161,9 @@ def download(
 
     Resumable and idempotent: verified items are skipped on a re-run, partial ones are
     fetched again (file lists resume with HTTP Range). A bearer token for a mirror that
-    needs one is read from $XRAI_TCIA_TOKEN and never printed.
+    needs one is read from $XRAI_TCIA_TOKEN and never printed; it is sent over https only,
+    and only to the archive's host (--base-url, $XRAI_NBIA_URL or TCIA) and the hosts
+    listed in $XRAI_TOKEN_HOSTS (comma-separated), never to other hosts a file list names.
 
     Exit codes (as `xrai ingest`): 0 all downloaded or already complete (or --dry-run);
     3 some failed, the rest usable; 1 nothing usable, an unknown or controlled-access
@@ -185,7 +187,10 @@ def download(
 
     policy = RetryPolicy(max_attempts=retries, base_delay=backoff, max_delay=max_wait,
                          max_retry_after=max_wait)
-    http = HttpClient(token=token, timeout=(min(10.0, timeout), timeout), policy=policy)
+    try:
+        http = HttpClient(token=token, timeout=(min(10.0, timeout), timeout), policy=policy)
+    except ValueError as error:  # a malformed $XRAI_TOKEN_HOSTS
+        fail(str(error), EXIT_USAGE)
     fetcher: Fetcher | None
     try:
         if source is Source.nbia:
@@ -203,6 +208,8 @@ def download(
         else:
             from pipeline.download.filelist import FileListFetcher, plan_filelist
 
+            if base_url:  # the operator's archive; hosts named only by the list get no token
+                http.allow_token_host(base_url)
             plan = plan_filelist(collection, file_list or "", http=http, base_url=base_url,
                                  patients=patients_, limit=limit)
             fetcher = FileListFetcher(http)

@@ -6,12 +6,22 @@ HTTP 408/429/5xx), with exponential backoff and full jitter up to a stated cap o
 attempts; ``Retry-After`` is honoured (capped). A bearer token, where one is given, is
 sent in the ``Authorization`` header only and is removed from every message this module
 builds, so it cannot reach a log, a file or an error.
+
+The token goes only to the archive hosts it is meant for: per request, and only when the
+URL's host is one of the client's *token hosts* and its scheme is https (loopback hosts,
+used by tests, also over http); see :func:`may_send_token`. The token hosts are those of
+the configured archive base URLs (:meth:`HttpClient.allow_token_host`, called by
+:class:`~pipeline.download.nbia.NbiaClient` and by ``xrai download --base-url``), the
+loopback names, and any listed in ``$XRAI_TOKEN_HOSTS``; hosts named only by a file list
+get no token. A redirect never carries the token to another host, scheme or port:
+:meth:`requests.Session.rebuild_auth` drops ``Authorization`` on such a hop.
 """
 
 from __future__ import annotations
 
 import email.utils
 import logging
+import os
 import random
 import time
 from collections.abc import Callable, Iterable, Mapping
@@ -19,16 +29,22 @@ from dataclasses import dataclass
 from datetime import datetime, timezone
 from pathlib import Path
 from typing import Any, TypeVar
+from urllib.parse import urlsplit
 
 import requests
+from urllib3.util import parse_url
 
 from pipeline.download.errors import ChecksumError, DownloadError
 
 __all__ = [
+    "LOOPBACK_HOSTS",
+    "TOKEN_HOSTS_ENV",
     "AccessRefusedError",
     "HttpClient",
     "RetryPolicy",
     "TransientStatusError",
+    "may_send_token",
+    "normalize_host",
     "parse_retry_after",
     "redact",
     "retry_call",
@@ -45,6 +61,13 @@ RETRY_STATUSES = frozenset({408, 429, 500, 502, 503, 504})
 REDACTED = "***"
 
 CHUNK = 1 << 16
+
+#: Comma-separated hosts (or URLs) that may receive the bearer token besides the
+#: configured archives, e.g. ``XRAI_TOKEN_HOSTS=mirror.example.org,files.example.org``.
+TOKEN_HOSTS_ENV = "XRAI_TOKEN_HOSTS"
+
+#: Hosts that may receive the token over plain http too (the loopback servers of tests).
+LOOPBACK_HOSTS = frozenset({"127.0.0.1", "::1", "localhost"})
 
 
 @dataclass(frozen=True)
@@ -152,6 +175,107 @@ def redact(text: str, secrets: Iterable[str | None]) -> str:
     return text
 
 
+def normalize_host(value: str) -> str:
+    """The host name of `value` (a bare host, ``host:port`` or a URL), lower case.
+
+    Brackets of IPv6 literals and a trailing dot are removed.
+
+    Raises
+    ------
+    ValueError
+        `value` names no host.
+
+    Examples
+    --------
+    >>> normalize_host("https://Services.CancerImagingArchive.net./nbia-api")
+    'services.cancerimagingarchive.net'
+    >>> normalize_host("[::1]:8080")
+    '::1'
+    """
+    text = value.strip()
+    try:
+        host = urlsplit(text if "://" in text else f"//{text}").hostname
+    except ValueError as err:
+        raise ValueError(f"cannot read a host name from {value!r}: {err}") from err
+    host = (host or "").rstrip(".")
+    if not host:
+        raise ValueError(f"{value!r} names no host; expected a host name or an http(s) URL")
+    return host
+
+
+def _token_refusal(url: str, hosts: Iterable[str]) -> tuple[str, str] | None:
+    """``(host, reason)`` when the token must not go to `url`, None when it may.
+
+    The URL is first normalised as :mod:`requests` sends it, and its host is read by both
+    :func:`urllib.parse.urlsplit` and urllib3's parser (the one that opens the
+    connection); they must agree, so that no odd URL (``https://a\\@b/``) reads as an
+    archive host to one parser and as another host to the other.
+    """
+    try:
+        prepared = requests.PreparedRequest()
+        prepared.prepare_url(url, None)
+        sent = prepared.url or ""
+        split, parsed = urlsplit(sent), parse_url(sent)
+    except (requests.RequestException, ValueError) as err:
+        return "?", f"unreadable URL ({type(err).__name__})"
+    host = (split.hostname or "").rstrip(".")
+    other = (parsed.host or "").strip("[]").lower().rstrip(".")
+    scheme = (split.scheme or "").lower()
+    if not host or host != other:
+        return host or "?", "its host name is ambiguous"
+    if host not in set(hosts):
+        return host, "not a configured archive host"
+    if scheme == "https" or (scheme == "http" and host in LOOPBACK_HOSTS):
+        return None
+    return host, f"{scheme or 'no'} scheme (the token goes over https only)"
+
+
+def may_send_token(url: str, hosts: Iterable[str]) -> bool:
+    """Whether a request to `url` may carry the bearer token.
+
+    Parameters
+    ----------
+    url : str
+        The request URL, as it will be sent (query included).
+    hosts : iterable of str
+        Allowed host names, normalised (:func:`normalize_host`).
+
+    Returns
+    -------
+    bool
+        True when the URL's host is exactly one of `hosts` (no suffix or subdomain
+        match) and its scheme is https, or, for a loopback host (:data:`LOOPBACK_HOSTS`),
+        http or https.
+
+    Examples
+    --------
+    >>> hosts = {"services.cancerimagingarchive.net", "127.0.0.1"}
+    >>> may_send_token("https://services.cancerimagingarchive.net/nbia-api", hosts)
+    True
+    >>> may_send_token("http://services.cancerimagingarchive.net/nbia-api", hosts)
+    False
+    >>> may_send_token("https://services.cancerimagingarchive.net@evil.example/", hosts)
+    False
+    >>> may_send_token("http://127.0.0.1:8000/list.csv", hosts)
+    True
+    """
+    return _token_refusal(url, hosts) is None
+
+
+def _hosts_from_env() -> set[str]:
+    """The hosts of ``$XRAI_TOKEN_HOSTS``."""
+    raw = os.environ.get(TOKEN_HOSTS_ENV, "")
+    hosts = set()
+    for entry in raw.split(","):
+        if entry.strip():
+            try:
+                hosts.add(normalize_host(entry))
+            except ValueError as err:
+                raise ValueError(f"${TOKEN_HOSTS_ENV}: entry {entry.strip()!r} is not a host "
+                                 f"name or URL ({err})") from err
+    return hosts
+
+
 def retry_call(fn: Callable[[int], T], *, what: str, policy: RetryPolicy,
                sleep: Callable[[float], None] = time.sleep,
                rng: random.Random | None = None,
@@ -203,7 +327,8 @@ class HttpClient:
     ----------
     token : str, optional
         Bearer token sent as ``Authorization: Bearer <token>`` (an institutional
-        mirror); never logged, never part of an error message.
+        mirror); never logged, never part of an error message. Sent only where
+        :func:`may_send_token` allows, with :attr:`token_hosts`.
     timeout : float or (float, float), default (10, 120)
         Connect and read timeouts in seconds (read: the longest silence between bytes).
     policy : RetryPolicy, optional
@@ -212,6 +337,16 @@ class HttpClient:
     rng : random.Random, optional
         Source of the jitter.
     session : requests.Session, optional
+    token_hosts : iterable of str, optional
+        Hosts (names or URLs) that may receive the token, replacing the default: the
+        loopback names (:data:`LOOPBACK_HOSTS`) and those listed in ``$XRAI_TOKEN_HOSTS``
+        (comma-separated). The archive clients add their configured base URL's host with
+        :meth:`allow_token_host` either way.
+
+    Raises
+    ------
+    ValueError
+        An entry of `token_hosts` or ``$XRAI_TOKEN_HOSTS`` names no host.
     """
 
     def __init__(self, *, token: str | None = None,
@@ -219,7 +354,8 @@ class HttpClient:
                  policy: RetryPolicy | None = None,
                  sleep: Callable[[float], None] = time.sleep,
                  rng: random.Random | None = None,
-                 session: requests.Session | None = None) -> None:
+                 session: requests.Session | None = None,
+                 token_hosts: Iterable[str] | None = None) -> None:
         self._token = token or None
         self.timeout = timeout
         self.policy = policy or RetryPolicy()
@@ -227,16 +363,39 @@ class HttpClient:
         self.rng = rng or random.Random()
         self.session = session or requests.Session()
         self.session.headers["User-Agent"] = "xrai-pipeline-download"
-        if self._token:
-            self.session.headers["Authorization"] = f"Bearer {self._token}"
+        # Per request only (see _open): a session-wide header would reach every host.
+        self.session.headers.pop("Authorization", None)
+        self._token_hosts = ({normalize_host(h) for h in token_hosts} if token_hosts is not None
+                             else set(LOOPBACK_HOSTS) | _hosts_from_env())
+        self._withheld: set[str] = set()
 
     def __repr__(self) -> str:
-        return f"HttpClient(token={'set' if self._token else 'none'}, timeout={self.timeout!r})"
+        return (f"HttpClient(token={'set' if self._token else 'none'}, timeout={self.timeout!r}, "
+                f"token_hosts={sorted(self._token_hosts)!r})")
 
     @property
     def has_token(self) -> bool:
-        """Whether a bearer token is sent."""
+        """Whether a bearer token is configured (it goes to the token hosts only)."""
         return self._token is not None
+
+    @property
+    def token_hosts(self) -> frozenset[str]:
+        """Hosts that may receive the token (over https; loopback ones over http too)."""
+        return frozenset(self._token_hosts)
+
+    def allow_token_host(self, url: str) -> None:
+        """Let the host of `url` (an archive's configured base URL, or a host) get the token.
+
+        Raises
+        ------
+        ValueError
+            `url` names no host.
+        """
+        self._token_hosts.add(normalize_host(url))
+
+    def may_send_token(self, url: str) -> bool:
+        """Whether a request to `url` carries the token (:func:`may_send_token`)."""
+        return self._token is not None and may_send_token(url, self._token_hosts)
 
     def redact(self, text: str) -> str:
         """`text` without the token."""
@@ -251,10 +410,29 @@ class HttpClient:
 
     def _open(self, url: str, *, what: str, params: Mapping[str, str] | None = None,
               headers: Mapping[str, str] | None = None) -> requests.Response:
-        """Send one GET (streamed); map transport failures and statuses to our errors."""
+        """Send one GET (streamed); map transport failures and statuses to our errors.
+
+        The token is added to this request alone, after :meth:`requests.Session.prepare_request`
+        so that the decision reads the very URL that is sent.
+        """
+        withheld: tuple[str, str] | None = None
         try:
-            resp = self.session.get(url, params=params, headers=dict(headers or {}),
-                                    timeout=self.timeout, stream=True)
+            prepared = self.session.prepare_request(requests.Request(
+                "GET", url, params=dict(params or {}), headers=dict(headers or {})))
+            prepared.headers.pop("Authorization", None)
+            if self._token is not None:
+                withheld = _token_refusal(prepared.url or "", self._token_hosts)
+                if withheld is None:
+                    prepared.headers["Authorization"] = f"Bearer {self._token}"
+                elif withheld[0] not in self._withheld:
+                    self._withheld.add(withheld[0])
+                    logger.info("%s: not sending the bearer token of $XRAI_TCIA_TOKEN to host "
+                                "%r: %s (token hosts: %s; more with $%s)", what, withheld[0],
+                                withheld[1], ", ".join(sorted(self._token_hosts)),
+                                TOKEN_HOSTS_ENV)
+            settings = self.session.merge_environment_settings(prepared.url, {}, True, None, None)
+            resp = self.session.send(prepared, timeout=self.timeout, allow_redirects=True,
+                                     **settings)
         except requests.Timeout as err:
             raise DownloadError(what, self.redact(f"timed out: {err}"), retryable=True) from err
         except requests.RequestException as err:
@@ -274,8 +452,14 @@ class HttpClient:
                 what, f"HTTP {resp.status_code} from {where}",
                 retry_after=parse_retry_after(resp.headers.get("Retry-After")))
         if resp.status_code in (401, 403):
-            hint = ("the token in XRAI_TCIA_TOKEN was refused" if self._token else
-                    "if this server needs a token, set XRAI_TCIA_TOKEN")
+            if withheld is not None:
+                hint = (f"XRAI_TCIA_TOKEN is set but was not sent to host {withheld[0]!r} "
+                        f"({withheld[1]}); if that host is an archive that needs it, use https "
+                        f"and list the host in ${TOKEN_HOSTS_ENV}")
+            elif self._token:
+                hint = "the token in XRAI_TCIA_TOKEN was refused"
+            else:
+                hint = "if this server needs a token, set XRAI_TCIA_TOKEN"
             raise AccessRefusedError(what, f"HTTP {resp.status_code} (access refused) from {where}; "
                                       f"{hint}", status=resp.status_code)
         detail = f": {self.redact(excerpt)!r}" if excerpt else ""

@@ -174,12 +174,20 @@ class NbiaClient:
     http : HttpClient
     base_url : str, optional
         The API root up to and including ``/nbia-api/services/v4``; default
-        ``$XRAI_NBIA_URL``, else TCIA's public server.
+        ``$XRAI_NBIA_URL``, else TCIA's public server. Its host becomes one of
+        `http`'s token hosts (:meth:`HttpClient.allow_token_host`): the bearer token
+        goes there, over https only.
+
+    Raises
+    ------
+    ValueError
+        The base URL names no host.
     """
 
     def __init__(self, http: HttpClient, base_url: str | None = None) -> None:
         self.http = http
         self.base_url = (base_url or os.environ.get(NBIA_URL_ENV) or DEFAULT_NBIA_URL).rstrip("/")
+        http.allow_token_host(self.base_url)
 
     def url(self, endpoint: str) -> str:
         """Full URL of an endpoint."""
