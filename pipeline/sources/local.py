@@ -24,12 +24,38 @@ Layouts (``discover(layout=...)``; ``"auto"`` calls `detect_layout`):
 Discovery only lists files (and, for DICOM, reads headers), except with
 ``partial_annotation=True``, which reads each label once to record its annotated slices.
 Anything missing is listed in ``CaseSource.missing`` (``"t1c: <expected path>"``) for the
-ingest to quarantine; discovery itself raises only for a root it cannot interpret.
+ingest to quarantine; discovery itself raises only for a root it cannot interpret and for
+two cases with the same id.
+
+Junk and odd folders (issue 11):
+
+- Operating-system, file-sharing and tool litter (`is_junk`: hidden ``.*`` entries, among
+  them AppleDouble ``._*`` files, ``.DS_Store``, ``.git`` and ``.ipynb_checkpoints``;
+  the names in `JUNK_NAMES`, such as ``__MACOSX``, ``Thumbs.db``, ``@eaDir``,
+  ``$RECYCLE.BIN`` and ``lost+found``) is skipped at every level discovery looks at,
+  with a debug log line, and never makes or hides a case.
+- A folder that stands where a case folder would (next to the case folders of the
+  ``brats`` and ``ucsf`` layouts, a sub-folder of the ``dicom`` root) but from which no
+  case can be made is returned as a case whose id is the folder's name, with
+  ``missing = ("volumes: <folder>", "<what it holds>; expected <what the layout looks
+  for>")``, so the ingest quarantines it by name instead of dropping it silently. Only a
+  folder that holds nothing but metadata or documentation files (`METADATA_SUFFIXES`:
+  CSV, JSON, text, PDF, spreadsheets, ...) is skipped, with an info log line, as the
+  ``dicom`` layout always skipped a ``metadata`` folder. Every sub-folder of a
+  ``upenn`` ``images_structural`` folder and every ``<ID>_nifti`` folder is a case, as
+  before (an empty one lists every channel in ``missing``).
+- Case ids are taken as they are written on disk: a leading ``_`` or space, a trailing
+  space or a name such as ``zarr.json`` is kept (the store maps ids to its own keys).
+  The only changes are the documented ones (the channel suffix of ``brats`` file names,
+  the ``_nifti`` suffix of ``ucsf`` folders). Two cases with the same id, for instance
+  ``P-1_nifti`` and an unusable folder ``P-1`` next to it, are refused with an error
+  naming both places.
 """
 
 from __future__ import annotations
 
 import itertools
+import logging
 import os
 import re
 from collections.abc import Callable, Iterator, Mapping, Sequence
@@ -48,6 +74,8 @@ from pipeline.io import read_label
 from pipeline.io.dicom import looks_like_dicom
 from pipeline.io.seg import segment_names
 from pipeline.sources.base import CHANNELS, CaseSource, VolumeRef
+
+log = logging.getLogger(__name__)
 
 Layout = Literal["auto", "brats", "upenn", "ucsf", "dicom"]
 
@@ -72,6 +100,38 @@ LOOKED_FOR: dict[str, str] = {
     ),
     "dicom": "patient folders holding DICOM files ('DICM' marker or .dcm suffix)",
 }
+
+#: Where each layout takes a case id from, quoted in the duplicate-id error.
+ID_FROM: dict[str, str] = {
+    "upenn": "the name of the case folder under 'images_structural'",
+    "ucsf": "the name of the '<ID>_nifti' folder without '_nifti', or of an unusable folder",
+    "brats": "the file-name prefix before the channel suffix, or the name of an unusable folder",
+    "dicom": "the name of the patient folder",
+}
+
+#: Names of files and folders that are never data, compared case-insensitively: what
+#: operating systems, file-sharing tools and archivers leave behind. Hidden entries
+#: (a leading ``.``) are junk as well; see `is_junk`.
+JUNK_NAMES: frozenset[str] = frozenset(
+    name.casefold()
+    for name in (
+        "__MACOSX",  # macOS Archive Utility: AppleDouble ``._*`` copies of every file
+        "Icon\r",  # macOS custom folder icon
+        "Thumbs.db", "ehthumbs.db", "desktop.ini",  # Windows Explorer
+        "$RECYCLE.BIN", "RECYCLER", "System Volume Information",  # Windows volumes
+        "@eaDir", "#recycle", "#snapshot",  # Synology NAS
+        "@Recycle", "@Recently-Snapshot",  # QNAP NAS
+        "lost+found",  # ext2/3/4 volumes
+        "__pycache__",  # Python
+    )
+)  # fmt: skip
+
+#: Suffixes (lower case) of metadata and documentation files. A folder that holds only
+#: such files is not a case folder and is skipped (logged at info level).
+METADATA_SUFFIXES: tuple[str, ...] = (
+    ".csv", ".tsv", ".json", ".txt", ".md", ".rst", ".pdf", ".xlsx", ".xls", ".ods",
+    ".html", ".htm", ".xml", ".yaml", ".yml", ".doc", ".docx", ".rtf",
+)  # fmt: skip
 
 
 @dataclass(frozen=True)
@@ -103,6 +163,52 @@ UCSF = NiftiNaming(
 
 
 # --------------------------------------------------------------------------- helpers
+
+
+def is_junk(name: str) -> bool:
+    """Whether a file or folder name is system or tool litter that discovery skips.
+
+    Junk is a hidden name (a leading ``.``: AppleDouble ``._*`` resource forks,
+    ``.DS_Store``, ``.git``, ``.ipynb_checkpoints``, ``.Trash-1000``, ...) or one of
+    `JUNK_NAMES` (``__MACOSX``, ``Thumbs.db``, ``desktop.ini``, ``$RECYCLE.BIN``,
+    ``System Volume Information``, ``@eaDir``, ``lost+found``, ...), compared
+    case-insensitively. Names that are merely unusual (a leading ``_`` or space, a
+    trailing space, ``zarr.json``) are not junk.
+
+    Examples
+    --------
+    >>> [is_junk(n) for n in ["__MACOSX", "._a-t1n.nii.gz", "$Recycle.Bin", "_case01",
+    ...                       "case02 ", "zarr.json"]]
+    [True, True, True, False, False, False]
+    """
+    return name.startswith(".") or name.casefold() in JUNK_NAMES
+
+
+def _keep(folder: Path, names: list[str]) -> list[str]:
+    """``names`` (entries of ``folder``) without junk, sorted; logs what it drops."""
+    kept = []
+    for name in sorted(names):
+        if is_junk(name):
+            log.debug("skipping %s: system or tool litter, not data", folder / name)
+        else:
+            kept.append(name)
+    return kept
+
+
+def _subfolders(folder: Path) -> list[Path]:
+    """Sub-folders of ``folder`` that are not junk, sorted by name."""
+    entries = [p for p in folder.iterdir() if p.is_dir()]
+    return [folder / n for n in _keep(folder, [p.name for p in entries])]
+
+
+def _files_below(folder: Path) -> list[Path]:
+    """Every file below ``folder`` (any depth), sorted, outside junk folders and not junk."""
+    out: list[Path] = []
+    for dirpath, dirnames, filenames in os.walk(folder):
+        here = Path(dirpath)
+        dirnames[:] = _keep(here, dirnames)
+        out.extend(here / f for f in _keep(here, filenames))
+    return sorted(out)
 
 
 def annotated_slices(label_array: NDArray, axis: int) -> tuple[int, ...]:
@@ -147,14 +253,14 @@ def axial_axis(direction: Sequence[float]) -> int:
 
 
 def _walk(root: Path, max_depth: int = MAX_DEPTH) -> Iterator[tuple[Path, list[str], list[str]]]:
-    """os.walk limited to ``max_depth`` folders below ``root``, skipping hidden entries."""
+    """os.walk limited to ``max_depth`` folders below ``root``, skipping junk (`is_junk`)."""
     base = len(root.parts)
     for dirpath, dirnames, filenames in os.walk(root):
         here = Path(dirpath)
-        dirnames[:] = sorted(d for d in dirnames if not d.startswith("."))
+        dirnames[:] = _keep(here, dirnames)
         if len(here.parts) - base >= max_depth:
             dirnames[:] = []
-        yield here, dirnames, sorted(f for f in filenames if not f.startswith("."))
+        yield here, dirnames, _keep(here, filenames)
 
 
 def _split_nifti(name: str) -> tuple[str, str] | None:
@@ -177,7 +283,10 @@ def _find_nifti(folder: Path, case_id: str, suffix: str, *, fallback: bool) -> P
         hits = [
             p
             for p in folder.iterdir()
-            if p.is_file() and (s := _split_nifti(p.name)) is not None and s[0].endswith(suffix)
+            if p.is_file()
+            and not is_junk(p.name)
+            and (s := _split_nifti(p.name)) is not None
+            and s[0].endswith(suffix)
         ]
         if len(hits) == 1:
             return hits[0]
@@ -210,11 +319,66 @@ def _nifti_case(
     return CaseSource(case_id, images, label, dict(naming.label_map), tuple(missing))
 
 
+def _quarantine_folder(folder: Path, layout: str, why: str) -> CaseSource:
+    """A case named after ``folder`` that the ingest quarantines: ``missing`` names the
+    folder (``"volumes: <folder>"``), then ``why`` and what ``layout`` looks for."""
+    missing = (f"volumes: {folder}", f"{why}; expected {LOOKED_FOR[layout]}")
+    return CaseSource(folder.name, {}, None, {}, missing)
+
+
+def _unusable_folder(
+    folder: Path, layout: str, files: Sequence[Path] | None = None
+) -> CaseSource | None:
+    """The quarantine case of a folder from which ``layout`` makes no case.
+
+    Returns None (and logs at info level) for a folder that holds only metadata or
+    documentation files (`METADATA_SUFFIXES`). ``files`` are the folder's non-junk files
+    (`_files_below`), listed here when not given.
+    """
+    files = _files_below(folder) if files is None else files
+    if files and all(p.name.lower().endswith(METADATA_SUFFIXES) for p in files):
+        log.info(
+            "skipping %s: it holds only metadata or documentation files (%d), not a case",
+            folder,
+            len(files),
+        )
+        return None
+    if not files:
+        why = f"{folder.name!r} holds no files (system litter such as .DS_Store ignored)"
+    else:
+        names = [str(p.relative_to(folder)) for p in files[:5]]
+        more = f" and {len(files) - 5} more" if len(files) > 5 else ""
+        why = f"{folder.name!r} holds no {layout} case, only {names!r}{more}"
+    return _quarantine_folder(folder, layout, why)
+
+
+def _unusable_neighbours(root: Path, case_folders: set[Path], layout: str) -> list[CaseSource]:
+    """Quarantine cases for the folders next to case folders that hold no case.
+
+    The candidates are the non-junk sub-folders of every folder (at or below ``root``)
+    that holds a case folder, other than the case folders and their ancestors.
+    """
+    ancestors = {a for f in case_folders for a in f.parents}
+    parents = sorted({f.parent for f in case_folders if f != root})
+    out = []
+    for parent in parents:
+        for folder in _subfolders(parent):
+            if folder not in case_folders and folder not in ancestors:
+                case = _unusable_folder(folder, layout)
+                if case is not None:
+                    out.append(case)
+    return out
+
+
 # --------------------------------------------------------------------------- layouts
 
 
 def discover_brats(root: Path, *, require_label: bool = True) -> list[CaseSource]:
-    """BraTS 2021 and 2023/BraTS-Africa cases, grouped by folder and file-name prefix."""
+    """BraTS 2021 and 2023/BraTS-Africa cases, grouped by folder and file-name prefix.
+
+    Folders next to the case folders that hold no case are returned as quarantine cases
+    (see the module notes).
+    """
     seen: dict[tuple[Path, str], dict[str, int]] = {}
     namings = (BRATS_2021, BRATS_2023)
     for folder, _, files in _walk(root):
@@ -232,6 +396,8 @@ def discover_brats(root: Path, *, require_label: bool = True) -> list[CaseSource
     for (folder, case_id), counts in seen.items():
         naming = max(namings, key=lambda n: counts.get(n.name, 0))
         cases.append(_nifti_case(case_id, folder, naming, require_label=require_label))
+    if cases:
+        cases += _unusable_neighbours(root, {folder for folder, _ in seen}, "brats")
     return cases
 
 
@@ -246,7 +412,7 @@ def discover_upenn(
         dirs[:] = []
         base = folder.parent
         manual_dir, auto_dir = base / "images_segm", base / "automated_segm"
-        for case_dir in sorted(p for p in folder.iterdir() if p.is_dir()):
+        for case_dir in _subfolders(folder):
             case_id = case_dir.name
             case = _nifti_case(case_id, case_dir, UPENN, fallback=True, require_label=False)
             manual = _find_nifti(manual_dir, case_id, UPENN.label, fallback=False)
@@ -267,14 +433,26 @@ def discover_upenn(
 
 
 def discover_ucsf(root: Path, *, require_label: bool = True) -> list[CaseSource]:
-    """UCSF-PDGM cases: one ``<ID>_nifti`` folder each."""
+    """UCSF-PDGM cases: one ``<ID>_nifti`` folder each.
+
+    Folders next to the ``<ID>_nifti`` folders that hold no case, and a folder named
+    just ``_nifti``, are returned as quarantine cases (see the module notes).
+    """
     cases = []
+    case_folders: set[Path] = set()
     for folder, dirs, _ in _walk(root):
         if not folder.name.endswith("_nifti") or folder == root:
             continue
         dirs[:] = []
+        case_folders.add(folder)
         case_id = folder.name[: -len("_nifti")]
+        if not case_id:
+            why = f"{folder.name!r} has no case id before '_nifti'"
+            cases.append(_quarantine_folder(folder, "ucsf", why))
+            continue
         cases.append(_nifti_case(case_id, folder, UCSF, fallback=True, require_label=require_label))
+    if cases:
+        cases += _unusable_neighbours(root, case_folders, "ucsf")
     return cases
 
 
@@ -384,8 +562,8 @@ def _scan_patient(folder: Path) -> tuple[dict[str, _Series], list[str]]:
     """Series of a patient folder (headers only) and the unreadable DICOM files."""
     series: dict[str, _Series] = {}
     bad: list[str] = []
-    for path in sorted(folder.rglob("*")):
-        if not path.is_file() or path.name.startswith(".") or path.name.upper() == "DICOMDIR":
+    for path in _files_below(folder):
+        if path.name.upper() == "DICOMDIR":
             continue
         claims = looks_like_dicom(path)
         try:
@@ -532,17 +710,24 @@ def discover_dicom(
     tumour_segments: Sequence[str] = ("tumor", "tumour"),
     require_label: bool = True,
 ) -> list[CaseSource]:
-    """One case per sub-folder of ``root`` that holds DICOM files."""
+    """One case per sub-folder of ``root`` that holds DICOM files.
+
+    A sub-folder without DICOM files is returned as a quarantine case, unless it holds
+    only metadata or documentation files (see the module notes).
+    """
     cases = []
-    for folder in sorted(p for p in root.iterdir() if p.is_dir() and not p.name.startswith(".")):
-        if not any(p.is_file() and looks_like_dicom(p) for p in folder.rglob("*")):
-            continue
-        cases.append(
-            discover_dicom_case(
-                folder, tumour_segments=tumour_segments, require_label=require_label
+    unusable = []
+    for folder in _subfolders(root):
+        files = _files_below(folder)
+        if any(looks_like_dicom(p) for p in files):
+            cases.append(
+                discover_dicom_case(
+                    folder, tumour_segments=tumour_segments, require_label=require_label
+                )
             )
-        )
-    return cases
+        elif (case := _unusable_folder(folder, "dicom", files)) is not None:
+            unusable.append(case)
+    return cases + unusable if cases else []
 
 
 # --------------------------------------------------------------------------- entry points
@@ -628,7 +813,9 @@ def discover(
     Returns
     -------
     list of CaseSource
-        Sorted by ``case_id``.
+        Sorted by ``case_id``; includes a quarantine case (``missing`` naming the
+        folder) for each folder that stands where a case folder would but holds no
+        case. Junk (`is_junk`) is skipped; see the module notes.
 
     Raises
     ------
@@ -636,7 +823,7 @@ def discover(
         ``root`` is not a folder.
     ValueError
         Unknown ``layout``; nothing recognisable (auto), or no case of the requested
-        layout; two cases with the same id.
+        layout; two cases with the same id (the message names both places).
     """
     root = Path(root)
     if layout not in ("auto", *LAYOUTS):
@@ -661,12 +848,24 @@ def discover(
     for a, b in itertools.pairwise(cases):
         if a.case_id == b.case_id:
             raise ValueError(
-                f"case id {a.case_id!r} occurs twice in {str(root)!r}: "
-                f"{[str(p) for p in a.files()[:1]]!r} and {[str(p) for p in b.files()[:1]]!r}"
+                f"case id {a.case_id!r} occurs twice in {str(root)!r}: at {_where(a)!r} and "
+                f"at {_where(b)!r} (the {chosen} layout takes the id from {ID_FROM[chosen]}); "
+                "case ids must be unique, so rename or remove one of them"
             )
     if partial_annotation:
         cases = [_with_annotated_slices(c) for c in cases]
     return cases
+
+
+def _where(case: CaseSource) -> str:
+    """The place that names a case in messages: its first file, else the path that its
+    first ``missing`` entry names (the path the ingest records)."""
+    files = case.files()
+    if files:
+        return str(files[0])
+    if case.missing:
+        return case.missing[0].split(": ", 1)[-1]
+    return case.case_id
 
 
 def _with_annotated_slices(case: CaseSource) -> CaseSource:
