@@ -5,6 +5,12 @@
 configuration as the flow parameter and its interval or cron schedule; `serve_config`
 serves them (``make serve``): the process polls the server for scheduled runs and
 executes them. Schedules fire only against a running server (``make server``).
+
+Each deployment allows one active run (limit 1, collision strategy ``ENQUEUE``): a
+scheduled run that fires while the previous one still runs waits in the
+``AwaitingConcurrencySlot`` state. Runs of *any* flow that write one dataset (two
+deployments on one store and dataset, a ``make pipeline`` beside a schedule) are
+serialised by the dataset's write slot (`flows.concurrency`).
 """
 
 from __future__ import annotations
@@ -39,13 +45,26 @@ def schedule_kwargs(ds: DatasetConfig) -> dict[str, Any]:
                                    timezone=ds.schedule.timezone)]}
 
 
+def one_run_at_a_time() -> Any:
+    """The deployments' concurrency limit: one active run, later runs enqueued.
+
+    A run that would exceed it waits in the ``AwaitingConcurrencySlot`` state (shown in
+    the UI) and starts when the running one ends, instead of being cancelled.
+    """
+    from prefect.client.schemas.objects import ConcurrencyLimitConfig, ConcurrencyLimitStrategy
+
+    return ConcurrencyLimitConfig(limit=1, collision_strategy=ConcurrencyLimitStrategy.ENQUEUE)
+
+
 def build_deployments(config: InstallationConfig) -> list[Any]:
-    """One ``RunnerDeployment`` per dataset: ``reprocess`` with its config and schedule."""
+    """One ``RunnerDeployment`` per dataset: ``reprocess`` with its config and schedule,
+    at most one run at a time (`one_run_at_a_time`)."""
     return [reprocess_flow.to_deployment(
         name=deployment_name(ds.name),
         parameters={"config": ds.model_dump(mode="json")},
         description=f"Reprocess dataset {ds.name!r} from its {ds.source.kind} source",
         tags=["xrai", ds.name],
+        concurrency_limit=one_run_at_a_time(),
         **schedule_kwargs(ds)) for ds in config.datasets]
 
 

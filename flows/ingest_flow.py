@@ -1,12 +1,16 @@
 """The ``ingest`` flow: discover the cases of a folder and ingest them, one Dask task each.
 
-The parent discovers the cases, creates the dataset and assigns slots
-(`DatasetStore.allocate`, parent only); each case is then one `flows.tasks.ingest_one`
-task (`pipeline.ingest.ingest_case`) on the Dask task runner, which skips a case whose
-source files hash to its committed content hash. A case whose task fails after its
-retries (a worker died) is quarantined with the failure as its reason, as
-`pipeline.ingest.ingest_cases` does. Publishes the dataset summary and the quarantine
-list.
+The same stage as ``xrai ingest``: the parent opens a `pipeline.ingest.ingest_session`
+(the store's writer lease, the dataset created, a slot and a `CaseJob` per case, the
+store compacted at the end); each job is then one `flows.tasks.ingest_one` task on the
+Dask task runner, which skips a case whose source files hash to its committed content
+hash. A case whose task fails after its retries (a worker died) is quarantined with the
+failure as its reason, as `pipeline.ingest.ingest_cases` does. Publishes the dataset
+summary and the quarantine list.
+
+From slot allocation to the last commit or quarantine the flow holds the dataset's
+write slot (`flows.concurrency.dataset_write_slot`): a second run writing the same
+dataset waits for it in Prefect.
 """
 
 from __future__ import annotations
@@ -20,11 +24,14 @@ from flows.artifacts import (
     publish_table,
     quarantine_rows,
 )
+from flows.concurrency import dataset_write_slot
 from flows.config import DaskOptions, GridOptions
-from flows.tasks import discover_cases, ingest_one, prepare_store, quarantine_failed, task_runner
-from pipeline.errors import XraiError
-from pipeline.ingest import CaseOutcome, IngestReport
+from flows.tasks import discover_cases, ingest_one, quarantine_failed, task_runner
+from pipeline.ingest import CaseOutcome, IngestReport, ingest_session
 from pipeline.store import DatasetStore
+
+#: Seconds a flow waits for a writer outside Prefect (``xrai ingest`` in a terminal).
+LEASE_WAIT = 3600.0
 
 
 class IngestResult(BaseModel):
@@ -72,25 +79,22 @@ def ingest_flow(source_dir: str, store: str, dataset: str, layout: str = "auto",
     """
     logger = get_run_logger()
     chosen, cases = discover_cases(source_dir, layout)
-    ids = [c.case_id for c in cases]
-    dup = sorted({i for i in ids if ids.count(i) > 1})
-    if dup:
-        raise XraiError(f"case ids {dup} occur more than once in {source_dir!r}")
     logger.info("%d %s cases in %s", len(cases), chosen, source_dir)
-    slots = prepare_store(store, dataset, grid.to_grid(), chosen, ids)
     outcomes: list[CaseOutcome] = []
-    with task_runner(dask) as runner:
-        futures = runner.map(ingest_one, {
-            "store_url": unmapped(store), "dataset": unmapped(dataset), "case": cases,
-            "slot": [slots[i][0] for i in ids], "committed_hash": [slots[i][1] for i in ids],
-            "recompute": unmapped(recompute)})
-        futures.wait()
-        for cid, fut in zip(ids, futures, strict=True):
-            if fut.state.is_completed():
-                outcomes.append(fut.result())
-            else:
-                reason = f"task failed: {fut.state.message}"
-                outcomes.append(quarantine_failed(store, dataset, cid, reason))
+    with dataset_write_slot(store, dataset), \
+            ingest_session(cases, store, dataset, grid=grid.to_grid(), collection=chosen,
+                           wait=LEASE_WAIT) as session:
+        ids = [job.case.case_id for job in session.jobs]
+        with task_runner(dask) as runner:
+            futures = runner.map(ingest_one, {"job": session.jobs,
+                                              "recompute": unmapped(recompute)})
+            futures.wait()
+            for cid, fut in zip(ids, futures, strict=True):
+                if fut.state.is_completed():
+                    outcomes.append(fut.result())
+                else:
+                    reason = f"task failed: {fut.state.message}"
+                    outcomes.append(quarantine_failed(store, dataset, cid, reason))
     report = IngestReport(dataset=dataset, store=store, outcomes=tuple(outcomes))
     ds = DatasetStore.open(store, dataset)
     publish_markdown("dataset-summary", dataset, dataset_summary_markdown(ds, dataset, outcomes),

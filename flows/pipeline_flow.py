@@ -4,6 +4,10 @@ The source is the phantom (written once), a local folder, or a TCIA collection f
 first by the ``download`` flow; every stage is its own subflow, so each appears in the
 UI with its artifacts. Outputs go to ``config.out_dir``: ``stats.json``,
 ``manifest.json`` and ``train/``.
+
+From ingest to the manifest a run holds the dataset's write slot
+(`flows.concurrency.dataset_write_slot`), so two runs on one dataset take turns
+there instead of interleaving their stages.
 """
 
 from __future__ import annotations
@@ -13,6 +17,7 @@ from pathlib import Path
 from prefect import flow, get_run_logger
 from pydantic import BaseModel, ConfigDict
 
+from flows.concurrency import dataset_write_slot
 from flows.config import DatasetConfig, DownloadSource, LocalSource, PhantomSource
 from flows.download_flow import download_flow
 from flows.ingest_flow import IngestResult, ingest_flow
@@ -54,20 +59,24 @@ def run_stages(config: DatasetConfig, *, recompute: bool, only_if_changed: bool,
     """Ingest, statistics, manifest and optionally training of one dataset (in a flow).
 
     `train` None trains when ``config.train`` is set; True or False decides (True
-    needs ``config.train``).
+    needs ``config.train``). Ingest, statistics and manifest run under the dataset's
+    write slot (`flows.concurrency.dataset_write_slot`); training, which only reads
+    the store, runs after it is released.
     """
     logger = get_run_logger()
     folder, layout = source_folder(config.source)
-    ingested = ingest_flow(folder, config.store, config.name, layout=layout,
-                           grid=config.grid_options(), dask=config.dask, recompute=recompute)
-    if ingested.exit_code == 1:
-        raise XraiError(f"no case of {folder!r} could be ingested into {config.name!r}: "
-                        f"{ingested.quarantined}")
     out = Path(config.out_dir)
-    stats = stats_flow(config.store, config.name, str(out / STATS_FILE), dask=config.dask,
-                       recompute=recompute)
-    manifest = manifest_flow(stats.path, str(out / MANIFEST_FILE), seed=config.seed,
-                             only_if_changed=only_if_changed)
+    with dataset_write_slot(config.store, config.name):  # the subflows re-enter it
+        ingested = ingest_flow(folder, config.store, config.name, layout=layout,
+                               grid=config.grid_options(), dask=config.dask,
+                               recompute=recompute)
+        if ingested.exit_code == 1:
+            raise XraiError(f"no case of {folder!r} could be ingested into {config.name!r}: "
+                            f"{ingested.quarantined}")
+        stats = stats_flow(config.store, config.name, str(out / STATS_FILE), dask=config.dask,
+                           recompute=recompute)
+        manifest = manifest_flow(stats.path, str(out / MANIFEST_FILE), seed=config.seed,
+                                 only_if_changed=only_if_changed)
     trained = None
     if config.train is not None and (train is None or train):
         trained = train_flow(manifest.path, config.store, config.name, str(out / TRAIN_DIR),

@@ -6,6 +6,11 @@ updates the statistics incrementally (only those cases are recomputed), rewrites
 manifest only when a decision changed and says which, and retrains (when the dataset
 has a ``train`` section) only when the manifest changed or the data did. Publishes a
 reprocessing report next to the stages' own artifacts.
+
+The committed cases before the run and the stages up to the manifest are read and
+written under the dataset's write slot (`flows.concurrency.dataset_write_slot`), so
+an overlapping run of the same dataset (another deployment, a ``pipeline`` run)
+waits for it; training runs after the slot is released.
 """
 
 from __future__ import annotations
@@ -16,6 +21,7 @@ from prefect import flow, get_run_logger
 from pydantic import BaseModel, ConfigDict
 
 from flows.artifacts import publish_markdown, reprocess_markdown
+from flows.concurrency import dataset_write_slot
 from flows.config import DatasetConfig
 from flows.pipeline_flow import TRAIN_DIR, PipelineResult, run_stages
 from flows.train_flow import train_flow
@@ -46,9 +52,10 @@ def _committed(store: str, dataset: str) -> set[str]:
 def reprocess_flow(config: DatasetConfig) -> ReprocessResult:
     """Bring one dataset up to date with its source (see the module notes)."""
     logger = get_run_logger()
-    before = _committed(config.store, config.name)
-    # Train after we know whether anything changed: run the stages without it first.
-    run = run_stages(config, recompute=False, only_if_changed=True, train=False)
+    with dataset_write_slot(config.store, config.name):  # run_stages re-enters it
+        before = _committed(config.store, config.name)
+        # Train after we know whether anything changed: run the stages without it first.
+        run = run_stages(config, recompute=False, only_if_changed=True, train=False)
     changed = list(run.ingest.ingested)
     seen = set(run.ingest.ingested) | set(run.ingest.unchanged) | set(run.ingest.quarantined)
     missing = sorted(before - seen)

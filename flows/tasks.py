@@ -26,9 +26,9 @@ from prefect.tasks import exponential_backoff
 
 from flows.config import DaskOptions, DownloadSource, TrainOptions
 from pipeline.errors import XraiError
-from pipeline.ingest import CaseOutcome, ingest_case
+from pipeline.ingest import CaseJob, CaseOutcome
 from pipeline.sources.base import CaseSource
-from pipeline.store import DatasetStore, Grid
+from pipeline.store import DatasetStore
 from stats.dataset import EngineConfig
 from stats.manifest import Manifest, build_manifest, load_manifest, write_manifest
 from stats.summary import DatasetStats
@@ -127,24 +127,10 @@ def discover_cases(source_dir: str, layout: str) -> tuple[str, list[CaseSource]]
 
 
 # ------------------------------------------------------------------ ingest
-@task(**_STORAGE)
-def prepare_store(store_url: str, dataset: str, grid: Grid, collection: str,
-                  case_ids: list[str]) -> dict[str, tuple[int, str | None]]:
-    """Create (or reopen) the dataset, give every case a slot (parent only).
-
-    Returns case id -> (slot, committed content hash or None).
-    """
-    store = DatasetStore.create(store_url, dataset, grid=grid, collection=collection)
-    slots = store.allocate(case_ids)
-    committed = {cid: rec.content_hash for cid, rec in store.committed().items()}
-    return {cid: (slots[cid], committed.get(cid)) for cid in case_ids}
-
-
-@task(task_run_name="ingest-{case.case_id}", **_STORAGE)
-def ingest_one(store_url: str, dataset: str, case: CaseSource, slot: int,
-               committed_hash: str | None, recompute: bool = False) -> CaseOutcome:
-    """`pipeline.ingest.ingest_case`: hash, skip if unchanged, standardize, commit."""
-    outcome = ingest_case(store_url, dataset, case, slot, committed_hash, recompute=recompute)
+@task(task_run_name="ingest-{job.case.case_id}", **_STORAGE)
+def ingest_one(job: CaseJob, recompute: bool = False) -> CaseOutcome:
+    """`pipeline.ingest.CaseJob.run`: hash, skip if unchanged, standardize, commit."""
+    outcome = job.run(recompute=recompute)
     run_logger().info("%s: %s %s", outcome.case_id, outcome.status, outcome.reason)
     return outcome
 
@@ -188,7 +174,8 @@ def merge_stats(store_url: str, dataset: str, out_path: str) -> DatasetStats:
     """Merge the persisted partials (`run_stats`, nothing left to compute) and write them."""
     from pipeline.stats_runner import run_stats, write_stats
 
-    stats = run_stats(store_url, dataset, scheduler="synchronous")
+    # The flow holds the dataset's writer lease around the plan, the cases and the merge.
+    stats = run_stats(store_url, dataset, scheduler="synchronous", lease=False)
     write_stats(stats, out_path)
     return stats
 
@@ -242,10 +229,15 @@ def benchmark(manifest_path: str, store_url: str, dataset: str, out_dir: str,
 
 
 # ------------------------------------------------------------------ download
-def _http() -> Any:
+def _http(source: DownloadSource | None = None) -> Any:
+    """The HTTP client, with the token when XRAI_TCIA_TOKEN is set; it goes only to the
+    archive hosts (`pipeline.download.http`), the source's base URL among them."""
     from pipeline.download.http import HttpClient
 
-    return HttpClient(token=os.environ.get("XRAI_TCIA_TOKEN") or None)
+    client = HttpClient(token=os.environ.get("XRAI_TCIA_TOKEN") or None)
+    if source is not None and source.base_url:
+        client.allow_token_host(source.base_url)
+    return client
 
 
 def _fetcher(source: DownloadSource) -> Any:
@@ -260,7 +252,7 @@ def _fetcher(source: DownloadSource) -> Any:
         return IdcFetcher(endpoint_url=source.s3_endpoint)
     from pipeline.download.filelist import FileListFetcher
 
-    return FileListFetcher(_http())
+    return FileListFetcher(_http(source))
 
 
 @task(**_NETWORK)
@@ -280,7 +272,7 @@ def plan_download(source: DownloadSource) -> list[Any]:
     else:
         from pipeline.download.filelist import plan_filelist
 
-        plan = plan_filelist(source.collection, source.file_list or "", http=_http(),
+        plan = plan_filelist(source.collection, source.file_list or "", http=_http(source),
                              base_url=source.base_url, patients=source.patients,
                              limit=source.limit)
     run_logger().info("download plan: %s", plan.describe())

@@ -87,7 +87,7 @@ def _progress() -> Progress:
 
 def run_ingest(source_dir: Path, store: str, dataset: str, *, layout: str, grid: Grid,
                workers: int, recompute: bool, discover_options: dict | None = None,
-               storage_options: dict | None = None):
+               storage_options: dict | None = None, wait: float = 0.0):
     """Ingest with a progress bar and print the summary; returns the report."""
     from pipeline.ingest import ingest
 
@@ -103,7 +103,7 @@ def run_ingest(source_dir: Path, store: str, dataset: str, *, layout: str, grid:
         report = ingest(source_dir, store, dataset, layout=layout, grid=grid, workers=workers,
                         recompute=recompute, discover_options=discover_options or {},
                         storage_options=storage_options or None, progress=advance,
-                        on_discovered=discovered)
+                        on_discovered=discovered, wait=wait)
     print_ingest_report(report)
     return report
 
@@ -125,14 +125,36 @@ def print_ingest_report(report) -> None:
         console.print(table)
 
 
+def _grid_spacing(value: tuple[float, float, float]) -> tuple[float, float, float]:
+    """``--spacing`` checked by `Grid` (with the default shape): a usage error naming it."""
+    try:
+        Grid(spacing=value)
+    except ValueError as err:
+        raise typer.BadParameter(str(err)) from err
+    return value
+
+
+def _grid_shape(value: tuple[int, int, int]) -> tuple[int, int, int]:
+    """``--shape`` checked by `Grid` (with the default spacing): a usage error naming it."""
+    try:
+        Grid(shape=value)
+    except ValueError as err:
+        raise typer.BadParameter(str(err)) from err
+    return value
+
+
 @app.command()
 def ingest(
     source_dir: Annotated[Path, typer.Argument(help="Folder in a collection's layout.")],
     store: Annotated[str, typer.Option(help="Zarr store path or fsspec URL.")],
     dataset: Annotated[str, typer.Option(help="Dataset (group) name in the store.")],
     layout: Annotated[str, typer.Option(help="auto, brats, upenn, ucsf or dicom.")] = "auto",
-    spacing: Annotated[tuple[float, float, float], typer.Option(help="Target spacing X Y Z (mm).")] = (1.0, 1.0, 1.0),
-    shape: Annotated[tuple[int, int, int], typer.Option(help="Target shape X Y Z (voxels).")] = (240, 240, 155),
+    spacing: Annotated[tuple[float, float, float], typer.Option(
+        help="Target spacing X Y Z (mm), each in [0.05, 20].",
+        callback=_grid_spacing)] = (1.0, 1.0, 1.0),
+    shape: Annotated[tuple[int, int, int], typer.Option(
+        help="Target shape X Y Z (voxels), each in [1, 2048].",
+        callback=_grid_shape)] = (240, 240, 155),
     workers: Annotated[int, typer.Option(min=1, help="Worker processes.")] = 1,
     recompute: Annotated[bool, typer.Option(help="Re-ingest unchanged cases too.")] = False,
     use_automated: Annotated[bool, typer.Option(
@@ -142,6 +164,9 @@ def ingest(
     partial_annotation: Annotated[bool, typer.Option(
         help="Only some slices are annotated (LGG-1p19qDeletion): record which.")] = False,
     storage_option: StorageOptionArg = None,
+    wait: Annotated[float, typer.Option(
+        min=0, help="Seconds to wait while another process writes the dataset; 0 refuses "
+                    "at once.")] = 0.0,
 ) -> None:
     """Standardize a collection into the Zarr store.
 
@@ -155,7 +180,7 @@ def ingest(
             options["tumour_segments"] = tuple(tumour_segment)
         report = run_ingest(source_dir, store, dataset, layout=layout, grid=grid,
                             workers=workers, recompute=recompute, discover_options=options,
-                            storage_options=parse_storage_options(storage_option))
+                            storage_options=parse_storage_options(storage_option), wait=wait)
     except (XraiError, FileNotFoundError, ValueError) as err:
         _fail(str(err))
     raise typer.Exit(report.exit_code)
@@ -223,7 +248,7 @@ def print_stats_summary(stats) -> None:
 
 
 def run_stats_cli(store: str, dataset: str, *, out: Path | None, scheduler: str | None,
-                  recompute: bool, storage_options: dict | None = None):
+                  recompute: bool, storage_options: dict | None = None, wait: float = 0.0):
     """Compute statistics with a progress bar, write them, print the summary."""
     from pipeline.stats_runner import run_stats, write_stats
 
@@ -238,7 +263,7 @@ def run_stats_cli(store: str, dataset: str, *, out: Path | None, scheduler: str 
 
         stats = run_stats(store, dataset, scheduler=scheduler, recompute=recompute,
                           storage_options=storage_options or None, on_start=start,
-                          on_done=done)
+                          on_done=done, wait=wait)
     if out is not None:
         write_stats(stats, str(out))
         console.print(f"statistics written to {out}")
@@ -256,13 +281,64 @@ def stats_command(
              "'synchronous' runs in this process.")] = None,
     recompute: Annotated[bool, typer.Option(help="Ignore persisted per-case statistics.")] = False,
     storage_option: StorageOptionArg = None,
+    wait: Annotated[float, typer.Option(
+        min=0, help="Seconds to wait while another process writes the dataset; 0 refuses "
+                    "at once.")] = 0.0,
 ) -> None:
     """Single-pass intensity and label statistics of a dataset (Dask)."""
     try:
         run_stats_cli(store, dataset, out=out, scheduler=scheduler, recompute=recompute,
-                      storage_options=parse_storage_options(storage_option))
+                      storage_options=parse_storage_options(storage_option), wait=wait)
     except XraiError as err:
         _fail(str(err))
+
+
+@app.command()
+def verify(
+    store: Annotated[str, typer.Option(help="Zarr store path or fsspec URL.")],
+    dataset: Annotated[str, typer.Option(help="Dataset (group) name in the store.")],
+    storage_option: StorageOptionArg = None,
+) -> None:
+    """Check every committed case: each chunk present, decodable, equal to its checksum.
+
+    Exit codes: 0 every case intact; 1 damaged cases (listed) or an unreadable store;
+    2 usage error. Repair: re-run `xrai ingest` on the source (cases with missing chunks
+    are re-ingested) or `xrai ingest --recompute` (every case).
+    """
+    from pipeline.verify import verify_dataset
+
+    try:
+        ds = DatasetStore.open(store, dataset,
+                               storage_options=parse_storage_options(storage_option))
+        with _progress() as bar:
+            task = bar.add_task("verify", total=len(ds.committed()), last="")
+
+            def advance(case_id: str, problem: str | None) -> None:
+                bar.update(task, advance=1, last=f"{case_id}: {'DAMAGED' if problem else 'ok'}")
+
+            report = verify_dataset(ds, progress=advance)
+    except XraiError as err:
+        _fail(str(err))
+    console.print(
+        f"dataset [bold]{dataset}[/] in {store}: {len(report.intact)} intact, "
+        f"{len(report.damaged)} damaged, {len(report.unreadable_records)} unreadable "
+        f"records, {len(report.unchecked)} without checksums", highlight=False)
+    if report.unchecked:
+        console.print("cases committed before checksums were recorded decode but cannot be "
+                      "compared; `xrai ingest --recompute` records their checksums",
+                      highlight=False)
+    if not report.ok:
+        table = Table(title="damaged")
+        table.add_column("case")
+        table.add_column("problem", overflow="fold")
+        for cid, problem in report.damaged.items():
+            table.add_row(cid, problem)
+        for key, problem in report.unreadable_records.items():
+            table.add_row(key, f"case record cannot be read ({problem})")
+        console.print(table)
+        console.print("repair: re-run `xrai ingest` on the source (`--recompute` re-ingests "
+                      "cases whose chunks are present but changed)", highlight=False)
+        raise typer.Exit(1)
 
 
 manifest_app = typer.Typer(help="Write or check a loss-configuration manifest.",

@@ -11,7 +11,7 @@ from pathlib import Path
 # The manifest schema lives in stats/ (no pipeline imports there); its error is ours too.
 from stats.manifest import ManifestError
 
-__all__ = ["CaseRejected", "ManifestError", "StoreError", "VolumeError", "XraiError"]
+__all__ = ["CaseRejected", "ManifestError", "StoreError", "StoreFull", "VolumeError", "XraiError"]
 
 
 class XraiError(Exception):
@@ -61,3 +61,11 @@ class CaseRejected(XraiError):
 
 class StoreError(XraiError):
     """The Zarr store is missing, inconsistent, or was created with another grid."""
+
+
+class StoreFull(StoreError):
+    """The store's disk (or quota, or file-size limit) is full; the run stopped cleanly.
+
+    The case being written when it happened is not committed; cases committed before
+    stay committed, and a re-run after freeing space continues where this one stopped.
+    """

@@ -17,12 +17,15 @@ Exit codes of ``xrai ingest`` (see `IngestReport.exit_code`):
 
 from __future__ import annotations
 
+import contextlib
+import errno
 import logging
 import multiprocessing
 import os
+import threading
 import time
 from collections import Counter
-from collections.abc import Callable, Iterable, Mapping, Sequence
+from collections.abc import Callable, Iterable, Iterator, Mapping, Sequence
 from concurrent.futures import ProcessPoolExecutor, as_completed
 from dataclasses import dataclass, field
 from datetime import datetime, timezone
@@ -30,7 +33,8 @@ from pathlib import Path
 from typing import Any, Literal
 
 from pipeline import code_version
-from pipeline.errors import CaseRejected, VolumeError, XraiError
+from pipeline.errors import CaseRejected, StoreFull, VolumeError, XraiError
+from pipeline.lease import WriterLease, writer_lease
 from pipeline.sources.base import CHANNELS, CaseSource
 from pipeline.standardize import Loaded, standardize_case
 from pipeline.store import DatasetStore, Grid
@@ -38,6 +42,12 @@ from pipeline.store import DatasetStore, Grid
 log = logging.getLogger(__name__)
 
 Status = Literal["ingested", "unchanged", "quarantined"]
+
+# Out of space, over quota, over the file-size limit (ulimit -f): the store is full, and
+# every later case would fail the same way, so the run stops instead of quarantining.
+_FULL = (errno.ENOSPC, errno.EFBIG, errno.EDQUOT)
+# The pid of the parent of a worker process (None in the parent itself).
+_PARENT: int | None = None
 
 
 @dataclass(frozen=True)
@@ -131,26 +141,56 @@ def ingest_case(store_url: str, dataset: str, case: CaseSource, slot: int,
         # SimpleITK raises RuntimeError for files it cannot parse; keep the dataset going.
         return reject(f"{type(err).__name__}: {err}", None, content_hash)
 
-    store.uncommit(cid)
-    store.write_case(slot, image=std.image, label=std.label, brain=std.brain,
-                     annotated=std.annotated)
-    record = {
-        "case_id": cid,
-        "sources": [{"file": str(p), "sha256": sha} for p, sha in hashes.items()],
-        "flags": list(case.flags) + list(std.info.pop("flags", [])),
-        **std.info,
-        "ingested_at": datetime.now(timezone.utc).isoformat(timespec="seconds"),
-        "code_version": code_version(),
-    }
-    store.commit(cid, slot, content_hash, record)
+    _exit_if_orphaned()
+    try:
+        store.uncommit(cid)
+        checksums = store.write_case(slot, image=std.image, label=std.label, brain=std.brain,
+                                     annotated=std.annotated)
+        record = {
+            "case_id": cid,
+            "sources": [{"file": str(p), "sha256": sha} for p, sha in hashes.items()],
+            "flags": list(case.flags) + list(std.info.pop("flags", [])),
+            **std.info,
+            "checksums": checksums,
+            "ingested_at": datetime.now(timezone.utc).isoformat(timespec="seconds"),
+            "code_version": code_version(),
+        }
+        _exit_if_orphaned()  # the parent's lease died with it: commit nothing more
+        store.commit(cid, slot, content_hash, record)
+    except OSError as err:
+        if err.errno in _FULL:
+            raise StoreFull(
+                f"the store {store_url!r} is full ({os.strerror(err.errno)}) while writing "
+                f"case {cid!r}; the case is not committed, the cases committed before it "
+                "are intact; free space and re-run to continue"
+            ) from None
+        raise
     return CaseOutcome(cid, "ingested", seconds=time.perf_counter() - t0)
 
 
-def _init_worker(threads: int) -> None:
+def _exit_if_orphaned() -> None:
+    """In a worker whose parent died (kill -9), exit at once without writing."""
+    if _PARENT is not None and os.getppid() != _PARENT:
+        os._exit(70)
+
+
+def _watch_parent(period: float = 0.2) -> None:
+    while True:
+        _exit_if_orphaned()
+        time.sleep(period)
+
+
+def _init_worker(threads: int, parent: int) -> None:
     import SimpleITK as sitk
 
+    global _PARENT
     sitk.ProcessObject.SetGlobalDefaultNumberOfThreads(threads)
     os.environ.setdefault("OMP_NUM_THREADS", str(threads))
+    # A worker outlives a parent killed with SIGKILL (nothing tells it); it would go on
+    # committing cases with no lease held. It watches its parent id and exits within
+    # 0.2 s of being re-parented.
+    _PARENT = parent
+    threading.Thread(target=_watch_parent, name="xrai-watch-parent", daemon=True).start()
 
 
 def ingest_cases(
@@ -165,8 +205,12 @@ def ingest_cases(
     collection: str = "",
     storage_options: Mapping[str, Any] | None = None,
     progress: Callable[[CaseOutcome], None] | None = None,
+    wait: float = 0.0,
 ) -> IngestReport:
     """Ingest already discovered cases into ``store_url/dataset``.
+
+    Runs the jobs of an `ingest_session` (writer lease held for the whole run, the store
+    compacted at its end) in this process or in worker processes.
 
     Parameters
     ----------
@@ -178,20 +222,18 @@ def ingest_cases(
         Re-ingest cases whose sources are unchanged.
     progress : callable, optional
         Called with each case's outcome as it finishes.
+    wait : float
+        Seconds to wait for another writer of the dataset; 0 refuses at once.
 
     Raises
     ------
     StoreError
         The store exists with another grid (nothing is written then).
+    StoreBusy
+        Another process is writing the dataset (nothing is written then).
+    StoreFull
+        The store filled up; the run stopped after cancelling the cases not started.
     """
-    ids = [c.case_id for c in cases]
-    dup = sorted(i for i, n in Counter(ids).items() if n > 1)
-    if dup:
-        raise XraiError(f"case ids {dup} occur more than once in the source")
-    store = DatasetStore.create(store_url, dataset, grid=grid, skull_stripped=skull_stripped,
-                                collection=collection, storage_options=storage_options)
-    slots = store.allocate(ids)
-    committed = {cid: rec.content_hash for cid, rec in store.committed().items()}
     outcomes: list[CaseOutcome] = []
 
     def done(outcome: CaseOutcome) -> None:
@@ -199,31 +241,145 @@ def ingest_cases(
         if progress is not None:
             progress(outcome)
 
-    jobs = [(store_url, dataset, c, slots[c.case_id], committed.get(c.case_id)) for c in cases]
-    if workers <= 1 or len(jobs) <= 1:
-        for job in jobs:
-            done(ingest_case(*job, recompute=recompute, storage_options=storage_options))
-    else:
+    with ingest_session(cases, store_url, dataset, grid=grid, skull_stripped=skull_stripped,
+                        collection=collection, storage_options=storage_options,
+                        wait=wait) as session:
+        _run_jobs(session.jobs, workers, recompute, session.store, done, session.lease.check,
+                  planned=len(cases))
+    order = {c.case_id: i for i, c in enumerate(cases)}
+    outcomes.sort(key=lambda o: order[o.case_id])
+    return IngestReport(dataset=dataset, store=store_url, outcomes=tuple(outcomes))
+
+
+@dataclass(frozen=True)
+class CaseJob:
+    """One case's unit of work: where it goes and what is committed there now."""
+
+    store_url: str
+    dataset: str
+    case: CaseSource
+    slot: int
+    committed_hash: str | None
+    storage_options: Mapping[str, Any] | None = None
+
+    def run(self, *, recompute: bool = False) -> CaseOutcome:
+        """`ingest_case` on this job (in any process)."""
+        return ingest_case(self.store_url, self.dataset, self.case, self.slot,
+                           self.committed_hash, recompute=recompute,
+                           storage_options=self.storage_options)
+
+
+@dataclass
+class IngestSession:
+    """An open ingest: the writer lease held, the dataset created, every case planned."""
+
+    store: DatasetStore
+    lease: WriterLease
+    jobs: list[CaseJob]
+
+
+@contextlib.contextmanager
+def ingest_session(cases: Sequence[CaseSource], store_url: str, dataset: str, *,
+                   grid: Grid = Grid(), skull_stripped: bool = True, collection: str = "",
+                   storage_options: Mapping[str, Any] | None = None,
+                   wait: float = 0.0) -> Iterator[IngestSession]:
+    """Plan an ingest and hold the dataset for it; compact the store when the block ends.
+
+    The stage every ingest goes through (`ingest_cases`, the Prefect ingest flow): check
+    the case ids, take the writer lease (`pipeline.lease`), create or reopen the dataset,
+    give every case a slot, and plan one `CaseJob` per case. A committed case that has
+    lost a chunk is planned for re-ingest whatever its content hash. The caller runs the
+    jobs (`CaseJob.run`, in any process); on leaving the block the store is compacted
+    (`DatasetStore.compact`) and the lease released.
+
+    Raises
+    ------
+    XraiError
+        Two cases share an id.
+    StoreError
+        The dataset exists with another grid (nothing is written then).
+    StoreBusy
+        Another process is writing the dataset (nothing is written then).
+    StoreFull
+        The store filled up while the jobs ran (raised through the block) or while
+        compacting; every committed case is intact.
+    """
+    ids = [c.case_id for c in cases]
+    dup = sorted(i for i, n in Counter(ids).items() if n > 1)
+    if dup:
+        raise XraiError(f"case ids {dup} occur more than once in the source")
+    with writer_lease(store_url, dataset, wait=wait, storage_options=storage_options) as lease:
+        store = DatasetStore.create(store_url, dataset, grid=grid, skull_stripped=skull_stripped,
+                                    collection=collection, storage_options=storage_options)
+        slots = store.allocate(ids)
+        records = store.committed()
+        damaged = store.missing_chunks(r for cid, r in records.items() if cid in slots)
+        for cid, keys in damaged.items():
+            log.warning("case %s has lost chunk %s; re-ingesting it", cid, keys[0])
+        committed = {cid: rec.content_hash for cid, rec in records.items() if cid not in damaged}
+        options = dict(storage_options or {}) or None
+        jobs = [CaseJob(store_url, dataset, c, slots[c.case_id], committed.get(c.case_id),
+                        options) for c in cases]
+        yield IngestSession(store=store, lease=lease, jobs=jobs)
+        try:
+            store.compact()
+        except OSError as err:
+            if err.errno not in _FULL:
+                raise
+            raise StoreFull(f"the store {store_url!r} is full ({os.strerror(err.errno)}) "
+                            "while compacting; every committed case is intact") from None
+
+
+def _run_jobs(jobs: list[CaseJob], workers: int, recompute: bool, store: DatasetStore,
+              done: Callable[[CaseOutcome], None], check_lease: Callable[[], None], *,
+              planned: int) -> None:
+    """Run every case job, in this process or in ``workers`` worker processes.
+
+    Raises `StoreFull` when the store fills up, after cancelling the jobs not started
+    and saying how many were done.
+    """
+    finished = 0
+
+    def record(outcome: CaseOutcome) -> None:
+        nonlocal finished
+        finished += 1
+        done(outcome)
+
+    try:
+        if workers <= 1 or len(jobs) <= 1:
+            for job in jobs:
+                check_lease()
+                record(job.run(recompute=recompute))
+            return
         threads = max(1, (os.cpu_count() or 1) // workers)
         # spawn, not fork: zarr runs an asyncio thread and SimpleITK a thread pool,
         # neither of which survives a fork safely.
         ctx = multiprocessing.get_context("spawn")
         with ProcessPoolExecutor(workers, mp_context=ctx, initializer=_init_worker,
-                                 initargs=(threads,)) as pool:
-            futures = {pool.submit(ingest_case, *job, recompute=recompute,
-                                   storage_options=storage_options): job[2].case_id
-                       for job in jobs}
-            for fut in as_completed(futures):
-                try:
-                    done(fut.result())
-                except Exception as err:  # a worker died (e.g. out of memory)
-                    cid = futures[fut]
-                    reason = f"worker failed: {type(err).__name__}: {err}"
-                    store.quarantine(cid, reason)
-                    done(CaseOutcome(cid, "quarantined", reason))
-    order = {cid: i for i, cid in enumerate(ids)}
-    outcomes.sort(key=lambda o: order[o.case_id])
-    return IngestReport(dataset=dataset, store=store_url, outcomes=tuple(outcomes))
+                                 initargs=(threads, os.getpid())) as pool:
+            futures = {pool.submit(_run_job, job, recompute): job.case.case_id for job in jobs}
+            try:
+                for fut in as_completed(futures):
+                    try:
+                        record(fut.result())
+                    except StoreFull:
+                        raise
+                    except Exception as err:  # a worker died (e.g. out of memory)
+                        cid = futures[fut]
+                        reason = f"worker failed: {type(err).__name__}: {err}"
+                        store.quarantine(cid, reason)
+                        record(CaseOutcome(cid, "quarantined", reason))
+                    check_lease()
+            except BaseException:
+                pool.shutdown(wait=True, cancel_futures=True)
+                raise
+    except StoreFull as err:
+        raise StoreFull(f"{err} ({finished} of {planned} cases done, {planned - finished} "
+                        "not attempted)") from None
+
+
+def _run_job(job: CaseJob, recompute: bool) -> CaseOutcome:
+    return job.run(recompute=recompute)
 
 
 def ingest(
@@ -239,6 +395,7 @@ def ingest(
     storage_options: Mapping[str, Any] | None = None,
     progress: Callable[[CaseOutcome], None] | None = None,
     on_discovered: Callable[[int], None] | None = None,
+    wait: float = 0.0,
 ) -> IngestReport:
     """Discover the cases of a local folder and ingest them (see `ingest_cases`)."""
     from pipeline.sources.local import detect_layout, discover
@@ -252,7 +409,7 @@ def ingest(
         on_discovered(len(cases))
     return ingest_cases(cases, store_url, dataset, grid=grid, workers=workers,
                         recompute=recompute, collection=chosen,
-                        storage_options=storage_options, progress=progress)
+                        storage_options=storage_options, progress=progress, wait=wait)
 
 
 def summarize(outcomes: Iterable[CaseOutcome]) -> dict[str, int]:

@@ -24,10 +24,63 @@ origins agree within `GEOMETRY_TOLERANCE_MM` and their direction cosines within
 space but overlaps it physically is resampled onto the target grid like everything
 else (and flagged); one whose physical extent does not overlap the reference at all is
 rejected.
+
+What survives standardization
+-----------------------------
+A resample can lose what a case is for, silently: a header whose voxel size is absurd
+(1e-6 mm puts the whole brain inside one grid voxel, 1e6 mm makes one source voxel
+cover the grid) or a grid too coarse for a tiny tumour gives an empty brain or a
+tumour-free label. Every case is therefore measured twice, in the source and on the
+grid, and quarantined with the numbers (mL and voxel counts) when:
+
+- its brain (non-zero in any channel) is empty after standardization;
+- its source label had tumour (label > 0 on annotated slices) and none survives;
+- the grid's field of view holds less than `MIN_FIELD_OF_VIEW_FRACTION` of the source
+  brain or tumour;
+- resampling changed a volume by a factor outside `VOLUME_RATIO_RANGE` (for the tumour:
+  and by more than nearest-neighbour sampling can, `sampling_tolerance_ml`).
+
+The field-of-view crop and the resample are told apart: the resampled volume is compared
+with the part of the source whose voxel centres lie inside the grid's field of view,
+and the crop is judged on its own. The grid is centred on the brain, so a crop is the
+grid's choice (a field of view smaller than the head), not a fault of the case: a case
+that keeps at least half of its brain and of its tumour is committed, flagged
+``brain-cropped-by-grid`` / ``tumour-cropped-by-grid`` with the volumes recorded; one
+that keeps less is mostly not there and is quarantined.
+
+Why these bounds: nearest-neighbour resampling (labels) moves a structure's boundary by
+at most half a grid voxel with no bias, and the non-zero mask of a linearly resampled
+image grows by at most half a source voxel at each face (a voxel between a brain voxel
+and the zero outside is interpolated non-zero). For a large structure both change the
+volume by a few percent: from 0.94 x 0.94 x 1.5 mm to 1 mm, +8 % for a 90 mL phantom
+brain, +3 % for a 1650 mL one, -2 % for a 1.8 mL phantom tumour. A factor of 2 either way
+is therefore far outside what a resample does, and well inside what a wrong header or a
+misplaced grid does (a mm/cm confusion on one axis alone is a factor 10).
+
+A small tumour is different: its surface is large for its volume, so half a grid voxel
+over it is a large fraction (a compact 0.05 mL phantom tumour at 0.94 x 0.94 x 1.5 mm
+keeps 59 % of its volume on the 1 mm grid; a single source voxel becomes 0, 1 or 2 grid
+voxels depending on where the grid's voxel centres fall). The tumour's ratio therefore
+fails only when the change also exceeds what sampling can do, `sampling_tolerance_ml`:
+half a grid voxel over the source tumour's surface plus `VOLUME_SLACK_VOXELS` grid
+voxels for its edges and corners. A tumour that vanishes altogether is still
+quarantined, because the stored case would be labelled tumour-free. The brain gets no
+such allowance: on any accepted grid a brain is hundreds of voxels or more, and a
+"brain" of a few voxels is the 1e-6 mm header above (its centre voxel can survive the
+resample).
+
+Intensities recorded for the rest of the pipeline
+-------------------------------------------------
+The case record (`StandardCase.info`) holds, per channel, the minimum and maximum of the
+standardized image over the brain (``intensity_range``) and the number of brain voxels
+below zero (``negative_voxels``); which negative values are acceptable is decided
+downstream, per case. Non-finite values never reach the record: a resample that is not
+finite rejects the case, and the record is checked before it is returned.
 """
 
 from __future__ import annotations
 
+import math
 from collections.abc import Mapping
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -44,6 +97,15 @@ from pipeline.store import Grid
 GEOMETRY_TOLERANCE_MM = 1e-3
 #: Agreement of direction cosines for the same space.
 DIRECTION_TOLERANCE = 1e-4
+#: Accepted standardized / source volume of the brain and of the annotated tumour (the
+#: source counted inside the grid's field of view); see "What survives standardization".
+VOLUME_RATIO_RANGE: tuple[float, float] = (0.5, 2.0)
+#: Grid voxels added to the tumour's sampling tolerance (`sampling_tolerance_ml`) for
+#: the edges and corners of a structure of a few voxels (a 2 x 2 x 2 block).
+VOLUME_SLACK_VOXELS = 8
+#: Least fraction of the source brain, and of the source tumour, that the grid's field
+#: of view must hold (voxel centres inside it).
+MIN_FIELD_OF_VIEW_FRACTION = 0.5
 
 _LPS_CODES = (("L", "R"), ("P", "A"), ("S", "I"))
 
@@ -65,6 +127,230 @@ class StandardCase:
     brain: np.ndarray  # (Z, Y, X) bool
     annotated: np.ndarray  # (Z,) bool
     info: dict[str, Any] = field(default_factory=dict)
+
+
+@dataclass(frozen=True)
+class StructureVolume:
+    """Volume of one structure (brain or annotated tumour) before and after standardization.
+
+    Attributes
+    ----------
+    what : str
+        "brain" or "tumour", for messages.
+    source_voxels, source_ml : int, float
+        In the source, at the source's voxel size.
+    in_grid_voxels, in_grid_ml : int, float
+        The source voxels whose centres lie inside the grid's field of view.
+    standardized_voxels, standardized_ml : int, float
+        On the dataset grid.
+    source_spacing, grid_spacing : tuple of float
+        Voxel sizes (mm), for messages.
+    """
+
+    what: str
+    source_voxels: int
+    source_ml: float
+    in_grid_voxels: int
+    in_grid_ml: float
+    standardized_voxels: int
+    standardized_ml: float
+    source_spacing: tuple[float, ...]
+    grid_spacing: tuple[float, ...]
+
+    @property
+    def kept_fraction(self) -> float:
+        """Fraction of the source voxels inside the grid's field of view (1 when none)."""
+        return self.in_grid_voxels / self.source_voxels if self.source_voxels else 1.0
+
+    def to_dict(self) -> dict[str, int | float]:
+        """The numbers for the case record (JSON-safe: the checks have passed)."""
+        return {
+            "source_ml": self.source_ml, "source_voxels": self.source_voxels,
+            "in_grid_ml": self.in_grid_ml, "in_grid_voxels": self.in_grid_voxels,
+            "standardized_ml": self.standardized_ml,
+            "standardized_voxels": self.standardized_voxels,
+        }
+
+    def describe(self) -> str:
+        """The numbers in words: source, inside the field of view, standardized."""
+        return (f"source {self.source_ml:.6g} mL ({self.source_voxels} voxels of "
+                f"{_mm(self.source_spacing)} mm), {self.in_grid_ml:.6g} mL "
+                f"({self.in_grid_voxels} voxels) inside the grid's field of view; "
+                f"standardized {self.standardized_ml:.6g} mL ({self.standardized_voxels} "
+                f"voxels of {_mm(self.grid_spacing)} mm)")
+
+
+def _mm(values: tuple[float, ...]) -> str:
+    return "x".join(f"{float(v):g}" for v in values)
+
+
+def count_inside(img: sitk.Image, mask: np.ndarray, target: sitk.Image) -> int:
+    """Number of ``mask`` voxels (an array on ``img``'s grid) whose centres lie in ``target``.
+
+    A voxel centre is inside when its continuous index in ``target`` lies within half a
+    voxel of the target's voxel centres, i.e. in the box the target's voxels cover.
+    """
+    n = int(np.count_nonzero(mask))
+    if n == 0:
+        return 0
+    src = (np.asarray(img.GetDirection(), dtype=np.float64).reshape(3, 3)
+           * np.asarray(img.GetSpacing(), dtype=np.float64))            # index -> mm (columns)
+    dst = (np.asarray(target.GetDirection(), dtype=np.float64).reshape(3, 3)
+           * np.asarray(target.GetSpacing(), dtype=np.float64))
+    to_target = np.linalg.solve(dst, src)                               # -> target index
+    shift = np.linalg.solve(dst, np.asarray(img.GetOrigin()) - np.asarray(target.GetOrigin()))
+    upper = np.asarray(target.GetSize(), dtype=np.float64) - 0.5
+
+    def inside(ijk: np.ndarray) -> np.ndarray:
+        t = ijk @ to_target.T + shift
+        return np.all((t >= -0.5) & (t < upper), axis=1)
+
+    # The common case costs three projections: the target box is convex, so when the 8
+    # corners of the mask's bounding box are inside, every voxel is.
+    ranges = []
+    for axis in (2, 1, 0):                                              # x, y, z
+        nz = np.flatnonzero(mask.any(axis=tuple(a for a in range(3) if a != axis)))
+        ranges.append((nz[0], nz[-1]))
+    corners = np.array(np.meshgrid(*ranges, indexing="ij"), dtype=np.float64).reshape(3, -1).T
+    if inside(corners).all():
+        return n
+    zyx = np.nonzero(mask)
+    count = 0
+    step = 1 << 20                                                      # bounds memory (~50 MB)
+    for start in range(0, n, step):
+        ijk = np.stack([a[start:start + step] for a in zyx[::-1]], axis=1).astype(np.float64)
+        count += int(np.count_nonzero(inside(ijk)))
+    return count
+
+
+def measure_volume(what: str, source: np.ndarray, source_img: sitk.Image,
+                   standardized: np.ndarray, target: sitk.Image) -> StructureVolume:
+    """Measure a structure in the source (a mask on ``source_img``) and on the grid.
+
+    Parameters
+    ----------
+    what : str
+        "brain" or "tumour", for messages.
+    source : ndarray of bool, shape (Z, Y, X)
+        The structure on the source's grid.
+    source_img : SimpleITK.Image
+        The image whose grid ``source`` is on (its spacing gives the voxel volume).
+    standardized : ndarray of bool
+        The structure on the dataset grid.
+    target : SimpleITK.Image
+        The dataset grid (`target_reference`).
+
+    Returns
+    -------
+    StructureVolume
+        Volumes in mL (1 mL = 1000 mm³): voxel count times voxel volume.
+    """
+    src_ml = float(np.prod(source_img.GetSpacing())) / 1000.0
+    dst_ml = float(np.prod(target.GetSpacing())) / 1000.0
+    n_src = int(np.count_nonzero(source))
+    n_in = count_inside(source_img, source, target)
+    n_std = int(np.count_nonzero(standardized))
+    return StructureVolume(what, n_src, n_src * src_ml, n_in, n_in * src_ml, n_std,
+                           n_std * dst_ml, tuple(source_img.GetSpacing()),
+                           tuple(target.GetSpacing()))
+
+
+def sampling_tolerance_ml(mask: np.ndarray, img: sitk.Image, grid: Grid) -> float:
+    """How much nearest-neighbour sampling onto ``grid`` can change a structure's volume.
+
+    Parameters
+    ----------
+    mask : ndarray of bool, shape (Z, Y, X)
+        The structure on ``img``'s grid.
+    img : SimpleITK.Image
+        The image whose grid ``mask`` is on.
+    grid : Grid
+        The dataset grid.
+
+    Returns
+    -------
+    float
+        In mL: half the largest grid spacing (whatever the source's orientation) times
+        the structure's surface (its exposed voxel faces), plus `VOLUME_SLACK_VOXELS`
+        grid voxels.
+
+    Notes
+    -----
+    A grid voxel is labelled when its centre falls in the structure, so the labelled
+    volume lies between the structure eroded and dilated by half a grid voxel; to first
+    order both differ from it by the surface times half a grid voxel. The slack covers
+    the edges and corners, which matter only for structures of a few voxels.
+    """
+    spacing = np.asarray(img.GetSpacing(), dtype=np.float64)[::-1]    # (z, y, x)
+    zyx = np.nonzero(mask)
+    surface_mm2 = 0.0
+    if zyx[0].size:
+        box = tuple(slice(int(a.min()), int(a.max()) + 1) for a in zyx)
+        sub = np.pad(mask[box], 1)
+        for axis in range(3):
+            faces = int(np.count_nonzero(np.diff(sub, axis=axis)))
+            surface_mm2 += faces * float(np.prod(np.delete(spacing, axis)))
+    return (surface_mm2 * max(grid.spacing) / 2.0) / 1000.0 + VOLUME_SLACK_VOXELS * grid.voxel_ml
+
+
+def check_survival(case_id: str, vol: StructureVolume, path: Path, *,
+                   grid: Grid, tolerance_ml: float = 0.0) -> list[str]:
+    """Quarantine a case whose structure does not survive standardization.
+
+    Parameters
+    ----------
+    case_id : str
+        For messages.
+    vol : StructureVolume
+        The structure's volumes (`measure_volume`); nothing to check when the source
+        has none of it.
+    path : Path
+        The file the structure comes from (the reference channel or the label).
+    grid : Grid
+        For the field of view in messages.
+    tolerance_ml : float, default 0
+        A change of at most this much passes whatever the ratio
+        (`sampling_tolerance_ml` for the tumour, 0 for the brain).
+
+    Returns
+    -------
+    list of str
+        Flags: ``<what>-cropped-by-grid`` when the field of view cut part of it.
+
+    Raises
+    ------
+    CaseRejected
+        When the structure is empty on the grid, when less than
+        `MIN_FIELD_OF_VIEW_FRACTION` of it lies in the grid's field of view, or when the
+        resample changed its volume by a factor outside `VOLUME_RATIO_RANGE` and by
+        more than ``tolerance_ml``. The message gives the volumes.
+    """
+    if vol.source_voxels == 0:
+        return []
+    fov = "x".join(f"{n * s:g}" for n, s in zip(grid.shape, grid.spacing, strict=True))
+
+    def reject(problem: str) -> CaseRejected:
+        return CaseRejected(
+            case_id, f"{path}: {problem}: {vol.describe()}; check the voxel size in the "
+            f"file's header against the grid ({_mm(grid.spacing)} mm, field of view "
+            f"{fov} mm)", path)
+
+    if vol.standardized_voxels == 0:
+        lost = ("brain is empty after standardization" if vol.what == "brain"
+                else "annotated tumour does not survive standardization (none left on the grid)")
+        raise reject(lost)
+    if vol.kept_fraction < MIN_FIELD_OF_VIEW_FRACTION:
+        raise reject(f"the grid's field of view holds {100 * vol.kept_fraction:.3g} % of the "
+                     f"source {vol.what}, expected at least {MIN_FIELD_OF_VIEW_FRACTION:.0%}")
+    lo, hi = VOLUME_RATIO_RANGE
+    # in_grid_voxels > 0 here: the standardized structure is not empty and keeps >= 50 %
+    ratio = vol.standardized_ml / vol.in_grid_ml if vol.in_grid_ml > 0 else math.inf
+    if not lo <= ratio <= hi and abs(vol.standardized_ml - vol.in_grid_ml) > tolerance_ml:
+        within = (f" or within {tolerance_ml:.6g} mL of it (what sampling onto the grid "
+                  "can change)" if tolerance_ml else "")
+        raise reject(f"resampling changed the {vol.what} volume by a factor {ratio:.4g}, "
+                     f"expected within [{lo:g}, {hi:g}]{within}")
+    return [f"{vol.what}-cropped-by-grid"] if vol.in_grid_voxels < vol.source_voxels else []
 
 
 def orientation_code(img: sitk.Image) -> str:
@@ -234,12 +520,18 @@ def standardize_case(
     Returns
     -------
     StandardCase
+        Its ``info`` (the case record) holds, besides the provenance, ``brain_volume``
+        and ``tumour_volume`` (`StructureVolume.to_dict`; the tumour None without a
+        label), and per channel ``intensity_range`` ([min, max] over the brain) and
+        ``negative_voxels`` (brain voxels below zero).
 
     Raises
     ------
     CaseRejected
         Non-finite or all-zero channels, label values outside the scheme, a label or
-        channel that does not overlap the reference channel physically.
+        channel that does not overlap the reference channel physically, a resample that
+        is not finite in float32, and a brain or annotated tumour that does not survive
+        standardization (see the module notes, "What survives standardization").
     """
     missing = [c for c in channels if c not in images]
     if missing:
@@ -271,14 +563,29 @@ def standardize_case(
     for ci, name in enumerate(channels):
         res = _resample(images[name].image, target, label=False)
         out[ci] = sitk.GetArrayViewFromImage(res)
+        _check_resampled(case_id, name, images[name].path, out[ci])
         info["volumes"][name] = {"file": str(images[name].path), **geometry(images[name].image)}
     brain = np.any(out != 0.0, axis=0)
+
+    # The brain is measured over the channels on the reference channel's grid (all of
+    # them, unless one was flagged above), in the source and on the grid alike.
+    same = [ci for ci, name in enumerate(channels)
+            if ci == 0 or same_space(ref.image, images[name].image)]
+    src_brain = np.zeros(arrays[ref_name].shape, dtype=bool)
+    for ci in same:
+        src_brain |= arrays[channels[ci]] != 0
+    std_brain = brain if len(same) == len(channels) else np.any(out[same] != 0.0, axis=0)
+    brain_vol = measure_volume("brain", src_brain, ref.image, std_brain, target)
+    del src_brain
+    flags.extend(check_survival(case_id, brain_vol, ref.path, grid=grid))
+    info["brain_volume"] = {**brain_vol.to_dict(), "channels": [channels[ci] for ci in same]}
 
     annotated = np.ones(grid.zyx[0], dtype=bool)
     if label is None:
         lab = np.zeros(grid.zyx, dtype=np.uint8)
         annotated[:] = False
         info["label"] = None
+        info["tumour_volume"] = None
     else:
         check_geometry(label, "label", "the images", "label")
         src = sitk.GetArrayViewFromImage(label.image)
@@ -290,6 +597,7 @@ def standardize_case(
         info["label"] = {"file": str(label.path), **geometry(label.image),
                          "values_present": present,
                          "label_map": {str(k): int(v) for k, v in (label_map or {}).items()}}
+        src_tumour = remapped > 0
         if annotated_slices is not None:
             mask = np.zeros(src.shape, dtype=np.uint8)
             keep = [k for k in annotated_slices if 0 <= k < src.shape[0]]
@@ -299,12 +607,51 @@ def standardize_case(
             mask_res = _resample(mask_img, target, label=True)
             annotated = sitk.GetArrayFromImage(mask_res).reshape(grid.zyx[0], -1).any(axis=1)
             info["label"]["annotated_source_slices"] = list(keep)
+            src_tumour &= mask.astype(bool)
+        tumour_vol = measure_volume("tumour", src_tumour, label.image,
+                                    (lab > 0) & annotated[:, None, None], target)
+        flags.extend(check_survival(case_id, tumour_vol, label.path, grid=grid,
+                                    tolerance_ml=sampling_tolerance_ml(src_tumour,
+                                                                       label.image, grid)))
+        info["tumour_volume"] = tumour_vol.to_dict()
 
     info["target_origin"] = [round(float(o), 4) for o in target.GetOrigin()]
-    info["intensity_range"] = {
-        name: [float(out[ci].min()), float(out[ci].max())] for ci, name in enumerate(channels)
-    }
+    info["intensity_range"], info["negative_voxels"] = {}, {}
+    for ci, name in enumerate(channels):
+        values = out[ci][brain]                   # not empty: check_survival passed
+        info["intensity_range"][name] = [float(values.min()), float(values.max())]
+        info["negative_voxels"][name] = int(np.count_nonzero(values < 0))
+    _check_json_safe(case_id, info)
     return StandardCase(image=out, label=lab, brain=brain, annotated=annotated, info=info)
+
+
+def _check_resampled(case_id: str, name: str, path: Path, arr: np.ndarray) -> None:
+    """A resampled channel must be finite (a guard: the sources were checked, and
+    SimpleITK clamps to float32's range rather than overflow)."""
+    finite = np.isfinite(arr)
+    if not finite.all():
+        z, y, x = (int(v) for v in np.argwhere(~finite)[0])
+        raise CaseRejected(
+            case_id,
+            f"{path}: channel {name} is not finite after resampling: "
+            f"{int(arr.size - np.count_nonzero(finite))} voxel(s), first "
+            f"{float(arr[z, y, x])!r} at grid index (x={x}, y={y}, z={z}); expected finite "
+            "values",
+            path,
+        )
+
+
+def _check_json_safe(case_id: str, info: Any, where: str = "info") -> None:
+    """Every float in the case record is finite (JSON has no inf or nan)."""
+    if isinstance(info, Mapping):
+        for key, value in info.items():
+            _check_json_safe(case_id, value, f"{where}[{key!r}]")
+    elif isinstance(info, (list, tuple)):
+        for i, value in enumerate(info):
+            _check_json_safe(case_id, value, f"{where}[{i}]")
+    elif isinstance(info, float) and not math.isfinite(info):
+        raise CaseRejected(case_id, f"case record field {where} is {info!r}; expected a "
+                                    "finite number (check the source files' headers)")
 
 
 def _bounds_text(img: sitk.Image) -> str:

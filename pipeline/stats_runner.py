@@ -15,6 +15,7 @@ address of an existing Dask scheduler (``tcp://host:8786``).
 
 from __future__ import annotations
 
+import contextlib
 import json
 import logging
 import math
@@ -27,7 +28,8 @@ import numpy as np
 
 from pipeline import code_version
 from pipeline.errors import StoreError
-from pipeline.store import DatasetStore
+from pipeline.lease import writer_lease
+from pipeline.store import DatasetStore, store_key
 from stats.dataset import (
     DEFAULT_BINS,
     CasePartials,
@@ -74,9 +76,10 @@ def engine_config(store: DatasetStore, *, bins: int = DEFAULT_BINS) -> EngineCon
 def load_persisted(store: DatasetStore, case_id: str) -> CasePartials | None:
     """The persisted partials of a case, or None."""
     group = store.group.get(_STATS)
-    if group is None or case_id not in group:
+    key = store_key(case_id)
+    if group is None or key not in group:
         return None
-    arr = group[case_id]
+    arr = group[key]
     try:
         return CasePartials.from_dict(json.loads(zlib.decompress(arr[:].tobytes())))
     except (ValueError, KeyError, zlib.error) as err:
@@ -91,9 +94,10 @@ def persisted_is_current(store: DatasetStore, case_id: str, content_hash: str,
     Reads only the attributes of the persisted array, not the partials themselves.
     """
     group = store.group.get(_STATS)
-    if group is None or case_id not in group:
+    key = store_key(case_id)
+    if group is None or key not in group:
         return False
-    attrs = group[case_id].attrs
+    attrs = group[key].attrs
     return attrs.get("content_hash") == content_hash and attrs.get("config") == fingerprint
 
 
@@ -101,7 +105,7 @@ def persist(store: DatasetStore, partials: CasePartials) -> None:
     """Write a case's partials (one atomic array write, then its attributes)."""
     blob = np.frombuffer(zlib.compress(json.dumps(partials.to_dict()).encode(), 6), dtype=np.uint8)
     group = store.group.require_group(_STATS)
-    arr = group.create_array(partials.case_id, shape=blob.shape, dtype="uint8",
+    arr = group.create_array(store_key(partials.case_id), shape=blob.shape, dtype="uint8",
                              chunks=(max(1, blob.size),), overwrite=True, compressors=None)
     arr[:] = blob
     arr.attrs.update({"content_hash": partials.content_hash, "config": partials.config})
@@ -152,7 +156,6 @@ def _run_tasks(jobs: list[tuple], scheduler: str | None,
             if on_done:
                 on_done(job[2])
         return out
-    import contextlib
 
     from distributed import Client, as_completed
 
@@ -178,7 +181,8 @@ def run_stats(store_url: str, dataset: str, *, scheduler: str | None = None,
               recompute: bool = False, bins: int = DEFAULT_BINS,
               storage_options: Mapping[str, Any] | None = None,
               on_start: Callable[[int, int], None] | None = None,
-              on_done: Callable[[str], None] | None = None) -> DatasetStats:
+              on_done: Callable[[str], None] | None = None,
+              wait: float = 0.0, lease: bool = True) -> DatasetStats:
     """Statistics of one dataset of the store (see module notes).
 
     Parameters
@@ -187,16 +191,45 @@ def run_stats(store_url: str, dataset: str, *, scheduler: str | None = None,
         Called with (cases to compute, cases reused) before computing.
     on_done : callable, optional
         Called with each case id as its partials finish.
+    wait : float
+        Seconds to wait for another writer of the dataset (the run persists partials,
+        so it holds the writer lease, `pipeline.lease`); 0 refuses at once.
+    lease : bool
+        False when the caller already holds the lease (a flow).
 
     Raises
     ------
     StoreError
-        No committed case in the dataset.
+        No committed case in the dataset, or a committed case has lost a chunk.
+    StoreBusy
+        Another process is writing the dataset.
+    CaseDamaged
+        A chunk of a case cannot be decoded (the message names the case and the chunk).
     """
+    with (writer_lease(store_url, dataset, wait=wait, storage_options=storage_options)
+          if lease else contextlib.nullcontext()):
+        return _run_stats(store_url, dataset, scheduler=scheduler, recompute=recompute,
+                          bins=bins, storage_options=storage_options, on_start=on_start,
+                          on_done=on_done)
+
+
+def _run_stats(store_url: str, dataset: str, *, scheduler: str | None, recompute: bool,
+               bins: int, storage_options: Mapping[str, Any] | None,
+               on_start: Callable[[int, int], None] | None,
+               on_done: Callable[[str], None] | None) -> DatasetStats:
     store = DatasetStore.open(store_url, dataset, storage_options=storage_options)
     records = store.committed()
     if not records:
         raise StoreError(f"dataset {dataset!r} in {store_url!r} has no committed case")
+    damaged = store.missing_chunks(records.values())
+    if damaged:
+        listed = "; ".join(f"case {cid!r}: chunk {keys[0]!r} is missing"
+                           for cid, keys in list(damaged.items())[:5])
+        raise StoreError(
+            f"{len(damaged)} committed case(s) of dataset {dataset!r} in {store_url!r} have "
+            f"lost data ({listed}); `xrai verify` lists every damaged case, and re-running "
+            "`xrai ingest` on the source re-ingests cases with missing chunks"
+        )
     config = engine_config(store, bins=bins)
     fingerprint = config.fingerprint()
     reused: list[CasePartials] = []

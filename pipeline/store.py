@@ -9,8 +9,13 @@ Layout of ``STORE/<dataset>`` (dimension names are Zarr v3 ``dimension_names``, 
     annotated(case, z)                 bool      axial slices that carry annotations
     case     (case,)                   str       case id, "" while the slot is not committed
     channel  (channel,)                str       canonical channel names
-    _xrai/cases/<case_id>              group whose attributes are the case record
-    _xrai/quarantine/<case_id>         group whose attributes say why the case was rejected
+    _xrai/cases/<key>                  group whose attributes are the case record
+    _xrai/quarantine/<key>             group whose attributes say why the case was rejected
+    _xrai/lease                        the writer lease while a writer runs (pipeline.lease)
+
+``<key>`` is the case id made safe as a store key (`store_key`: a leading ``.`` or ``_``,
+``/``, ``%``, control characters, surrounding spaces and the name ``zarr.json`` are
+percent-encoded); the record's ``case_id`` attribute keeps the id itself.
 
 A case is *visible* only through its record under ``_xrai/cases``; the record is written
 after every voxel of the case (each Zarr key is written atomically by zarr-python's local
@@ -20,12 +25,29 @@ A changed case loses its record *before* its slot is overwritten, so a reader ne
 a half-updated case under a committed name.
 
 Slots are assigned by the parent process only (``allocate``); workers write disjoint
-chunks and their own case's record, so no two processes ever write the same key.
+chunks and their own case's record, so no two processes ever write the same key. Writers
+of one dataset exclude each other with the writer lease (`pipeline.lease`).
+
+Integrity: every chunk of a committed case is written, zeros included
+(``write_empty_chunks``), and the record holds the SHA-256 of each array as written
+(``checksums``). A missing chunk therefore never reads silently as zeros: `read_case`
+refuses a case whose chunk is absent or cannot be decoded, naming the case and the chunk,
+and `verify_case` recomputes the checksums (``xrai verify``). A record that cannot be
+parsed hides its case (`damaged_records` lists it) until a re-ingest rewrites it.
+
+After a writing run, `compact` moves committed cases into the slots of cases that were
+never committed (quarantined ones), trims the arrays to exactly the committed cases and
+writes the store's consolidated metadata (at its root, where xarray looks for it), so
+``xarray.open_zarr(store, group=dataset)`` shows the committed cases and nothing else.
 """
 
 from __future__ import annotations
 
+import hashlib
+import json
 import logging
+import re
+import warnings
 from collections.abc import Iterable, Mapping
 from dataclasses import dataclass
 from typing import Any
@@ -34,8 +56,10 @@ import numpy as np
 import xarray as xr
 import zarr
 from zarr.codecs import BloscCodec, BloscShuffle
+from zarr.core.sync import sync
 
 from pipeline.errors import StoreError
+from pipeline.lease import writer_lease
 from pipeline.sources.base import CHANNELS, LABEL_SCHEME
 
 log = logging.getLogger(__name__)
@@ -46,6 +70,9 @@ _META = "_xrai"
 # than zstd to write, which keeps ingest close to the cost of decoding the sources.
 _COMPRESSORS = (BloscCodec(cname="lz4", clevel=5, shuffle=BloscShuffle.shuffle),)
 _SLOT_GROWTH = 16
+_PER_CASE = ("image", "label", "brain", "annotated", "case")
+# Every chunk is written, zeros included, so an absent chunk always means damage.
+_WRITE_ALL = {"write_empty_chunks": True}
 
 
 @dataclass(frozen=True)
@@ -64,10 +91,44 @@ class Grid:
     shape: tuple[int, int, int] = (240, 240, 155)
 
     def __post_init__(self) -> None:
-        if len(self.spacing) != 3 or any(not s > 0 for s in self.spacing):
-            raise ValueError(f"spacing must be three positive mm values, got {self.spacing!r}")
-        if len(self.shape) != 3 or any(int(s) < 1 for s in self.shape):
-            raise ValueError(f"shape must be three positive voxel counts, got {self.shape!r}")
+        """Check the grid against the accepted range.
+
+        Spacing: finite, in [0.05, 20] mm per axis. Shape: whole numbers in [1, 2048] per
+        axis.
+
+        Raises
+        ------
+        ValueError
+            Naming the field, the axis and the offending value.
+        """
+        # Accepted range. 0.05 mm is finer than any MRI the pipeline reads (7 T in-vivo
+        # research scans reach ~0.2 mm, ex-vivo specimens ~0.1 mm); 20 mm is coarser than
+        # any slice thickness in use (clinical 2D stacks stay <= 10 mm) and leaves an adult
+        # brain (~170 mm long) under ten voxels across. Outside that range the value is a
+        # unit or typing error (m or µm for mm), and inf/nan/0/negatives are never a grid:
+        # they used to resample every case to zeros and write `Infinity` into zarr.json.
+        # 2048 voxels per axis is 8.5x the BraTS grid's 240; one channel of one case is
+        # one Zarr chunk, already 32 GiB of float32 at 2048^3, more than a worker can hold.
+        min_spacing_mm, max_spacing_mm, max_voxels = 0.05, 20.0, 2048
+        if len(self.spacing) != 3:
+            raise ValueError(f"grid spacing must be three mm values (x, y, z), got {self.spacing!r}")
+        if len(self.shape) != 3:
+            raise ValueError(f"grid shape must be three voxel counts (x, y, z), got {self.shape!r}")
+        for axis, s in zip("xyz", self.spacing, strict=True):
+            if isinstance(s, bool) or not isinstance(s, (int, float, np.integer, np.floating)):
+                raise ValueError(f"grid spacing {axis} must be a number of mm, got {s!r} "
+                                 f"(spacing {self.spacing!r})")
+            if not (np.isfinite(s) and min_spacing_mm <= s <= max_spacing_mm):
+                raise ValueError(
+                    f"grid spacing {axis} must be a finite number of mm in [{min_spacing_mm:g}, "
+                    f"{max_spacing_mm:g}], got {s!r} (spacing {self.spacing!r})")
+        for axis, n in zip("xyz", self.shape, strict=True):
+            whole = (isinstance(n, (int, np.integer)) and not isinstance(n, bool)) or (
+                isinstance(n, (float, np.floating)) and np.isfinite(n) and float(n).is_integer())
+            if not (whole and 1 <= n <= max_voxels):
+                raise ValueError(
+                    f"grid shape {axis} must be a whole number of voxels in [1, {max_voxels}], "
+                    f"got {n!r} (shape {self.shape!r})")
 
     @property
     def zyx(self) -> tuple[int, int, int]:
@@ -117,8 +178,11 @@ class DatasetStore:
         self.dataset = dataset
         self.storage_options = dict(storage_options or {})
         try:
+            # Never the consolidated metadata: it is a snapshot for plain readers,
+            # written at the end of a run (`compact`); the records change during one.
             self.group = zarr.open_group(self.url, path=dataset, mode=mode,
-                                         storage_options=self.storage_options or None)
+                                         storage_options=self.storage_options or None,
+                                         use_consolidated=False)
         except (FileNotFoundError, zarr.errors.GroupNotFoundError) as err:
             raise StoreError(f"no dataset {dataset!r} in store {self.url!r}") from err
         if mode in ("r", "r+") and "xrai_format" not in self.group.attrs:
@@ -209,22 +273,75 @@ class DatasetStore:
 
     # -- records --------------------------------------------------------------------
 
+    def _records(self, kind: str) -> dict[str, dict[str, Any]]:
+        """Attributes of every readable record under ``_xrai/<kind>``, by store key.
+
+        Reads them all at once; when one record cannot be parsed (a truncated
+        ``zarr.json``), falls back to one read per record and leaves the damaged ones
+        out (see `damaged_records`).
+        """
+        group = self._meta(kind)
+        try:
+            return {name: dict(grp.attrs) for name, grp in group.groups()}
+        except ValueError:  # json.JSONDecodeError and zarr's metadata errors
+            pass
+        out: dict[str, dict[str, Any]] = {}
+        for name in self._member_names(kind):
+            try:
+                out[name] = dict(group[name].attrs)
+            except (ValueError, KeyError) as err:
+                log.warning("unreadable %s record %r in %s/%s: %s", kind, name, self.url,
+                            self.dataset, err)
+        return out
+
+    def _member_names(self, kind: str) -> list[str]:
+        async def names() -> list[str]:
+            return [k async for k in self.group.store.list_dir(f"{self.group.path}/{_META}/{kind}")
+                    if k != "zarr.json"]
+
+        return sorted(sync(names()))
+
+    def damaged_records(self) -> dict[str, str]:
+        """Case records that cannot be parsed: store key -> the error.
+
+        Their cases are not visible (not committed) until a re-ingest rewrites them.
+        """
+        group = self._meta("cases")
+        out: dict[str, str] = {}
+        for name in self._member_names("cases"):
+            try:
+                group[name].attrs  # noqa: B018 - parsing is the check
+            except (ValueError, KeyError) as err:
+                out[name] = f"{type(err).__name__}: {err}"
+        return out
+
     def committed(self) -> dict[str, CaseRecord]:
         """Committed cases by id (the visible ones)."""
         out: dict[str, CaseRecord] = {}
-        for name, grp in self._meta("cases").groups():
-            attrs = dict(grp.attrs)
-            out[name] = CaseRecord(name, int(attrs["slot"]), str(attrs["content_hash"]), attrs)
+        for key, attrs in self._records("cases").items():
+            try:
+                cid = str(attrs.get("case_id", key))
+                out[cid] = CaseRecord(cid, int(attrs["slot"]), str(attrs["content_hash"]), attrs)
+            except (KeyError, TypeError, ValueError) as err:
+                log.warning("case record %r in %s/%s lacks %s; the case is hidden", key,
+                            self.url, self.dataset, err)
         return dict(sorted(out.items(), key=lambda kv: kv[1].slot))
 
     def quarantined(self) -> dict[str, dict[str, Any]]:
         """Quarantined cases by id, each with ``reason`` and ``path``."""
-        return {name: dict(grp.attrs) for name, grp in sorted(self._meta("quarantine").groups())}
+        recs = self._records("quarantine")
+        return dict(sorted((str(a.get("case_id", k)), a) for k, a in recs.items()))
 
     def quarantine_record(self, case_id: str) -> dict[str, Any] | None:
         """Why one case is quarantined (``reason``, ``path``, ``content_hash``), or None."""
         group = self._meta("quarantine")
-        return dict(group[case_id].attrs) if case_id in group else None
+        key = store_key(case_id)
+        if key not in group:
+            return None
+        try:
+            return dict(group[key].attrs)
+        except ValueError:  # unreadable: as if there were none, so the case is retried
+            return None
 
     def slots(self) -> dict[str, int]:
         """Every slot assignment, committed or not (``_xrai`` attribute ``slots``)."""
@@ -233,34 +350,48 @@ class DatasetStore:
     def allocate(self, case_ids: Iterable[str]) -> dict[str, int]:
         """Give each case a slot, keeping existing ones; grows the arrays as needed.
 
-        Only the parent process calls this, before any worker writes.
+        Only the parent process calls this, before any worker writes, holding the
+        writer lease (`pipeline.lease`).
         """
         slots = self.slots()
+        taken = set(slots.values())
         changed = False
+        free = 0
         for cid in case_ids:
-            _check_case_id(cid)
+            store_key(cid)  # raises for an id no key can represent
             if cid not in slots:
-                slots[cid] = len(slots)
+                while free in taken:
+                    free += 1
+                slots[cid] = free
+                taken.add(free)
                 changed = True
         if changed:
-            need = len(slots)
+            need = max(slots.values()) + 1
             if need > self.n_slots:
                 size = -(-need // _SLOT_GROWTH) * _SLOT_GROWTH
-                for name in ("image", "label", "brain", "annotated", "case"):
+                for name in _PER_CASE:
                     arr = self.group[name]
                     arr.resize((size, *arr.shape[1:]))
             self._meta("cases").attrs["slots"] = slots
         return slots
 
     def uncommit(self, case_id: str) -> None:
-        """Hide a case (before its slot is overwritten)."""
+        """Hide a case (before its slot is overwritten); works on a damaged record too."""
         cases = self._meta("cases")
-        if case_id in cases:
-            del cases[case_id]
+        key = store_key(case_id)
+        if key in self._member_names("cases"):
+            del cases[key]
 
     def write_case(self, slot: int, *, image: np.ndarray, label: np.ndarray, brain: np.ndarray,
-                   annotated: np.ndarray) -> None:
-        """Write one case's voxels into its slot (the caller has uncommitted it)."""
+                   annotated: np.ndarray) -> dict[str, str]:
+        """Write one case's voxels into its slot (the caller has uncommitted it).
+
+        Returns
+        -------
+        dict
+            SHA-256 of each array as stored (``image/<channel>``, ``label``, ``brain``,
+            ``annotated``), for the case record (`commit`).
+        """
         z, y, x = self.grid.zyx
         c = len(self.channels)
         if image.shape != (c, z, y, x) or label.shape != (z, y, x) or brain.shape != (z, y, x):
@@ -268,28 +399,40 @@ class DatasetStore:
                 f"case arrays have shapes image {image.shape}, label {label.shape}, brain "
                 f"{brain.shape}; the grid needs ({c}, {z}, {y}, {x}) and ({z}, {y}, {x})"
             )
-        img = self.group["image"]
-        for ci in range(c):
-            img[slot, ci] = image[ci]
-        self.group["label"][slot] = label
-        self.group["brain"][slot] = brain
-        self.group["annotated"][slot] = annotated
+        checksums: dict[str, str] = {}
+        img = self._array("image")
+        for ci, ch in enumerate(self.channels):
+            values = np.ascontiguousarray(image[ci], dtype=img.dtype)
+            img[slot, ci] = values
+            checksums[f"image/{ch}"] = _sha256(values)
+        for name, values in (("label", label), ("brain", brain), ("annotated", annotated)):
+            arr = self._array(name)
+            values = np.ascontiguousarray(values, dtype=arr.dtype)
+            arr[slot] = values
+            checksums[name] = _sha256(values)
+        return checksums
+
+    def _array(self, name: str) -> zarr.Array:
+        return self.group[name].with_config(_WRITE_ALL)  # type: ignore[union-attr]
 
     def commit(self, case_id: str, slot: int, content_hash: str, attrs: Mapping[str, Any]) -> None:
         """Make a written case visible: the case id at its slot, then the record last."""
-        self.group["case"][slot] = case_id
-        record = {**attrs, "slot": int(slot), "content_hash": content_hash}
-        self._meta("cases").create_group(case_id, attributes=_jsonable(record), overwrite=True)
+        self._array("case")[slot] = case_id
+        record = {**attrs, "case_id": case_id, "slot": int(slot), "content_hash": content_hash}
+        key = store_key(case_id)
+        self._meta("cases").create_group(key, attributes=_jsonable(record), overwrite=True)
         quarantine = self._meta("quarantine")
-        if case_id in quarantine:
-            del quarantine[case_id]
+        if key in self._member_names("quarantine"):
+            del quarantine[key]
 
     def quarantine(self, case_id: str, reason: str, path: str | None = None,
                    content_hash: str | None = None) -> None:
         """Record why a case was rejected (and hide any earlier version of it)."""
         self.uncommit(case_id)
         self._meta("quarantine").create_group(
-            case_id, attributes={"reason": reason, "path": path, "content_hash": content_hash},
+            store_key(case_id),
+            attributes={"case_id": case_id, "reason": reason, "path": path,
+                        "content_hash": content_hash},
             overwrite=True,
         )
 
@@ -312,23 +455,232 @@ class DatasetStore:
                     "quarantine": self.quarantined()}
         return ds
 
-    def read_case(self, case_id: str) -> dict[str, np.ndarray]:
-        """The arrays of one committed case: ``image`` (C, Z, Y, X), ``label``, ``brain``."""
-        records = self.committed()
-        if case_id not in records:
-            raise KeyError(f"case {case_id!r} is not committed in {self.url}/{self.dataset}")
-        s = records[case_id].slot
+    def _chunk_keys(self, slot: int) -> dict[str, tuple[zarr.Array, tuple[int, ...], str]]:
+        """Each chunk of a case: name -> (array, selection, store key); one chunk each."""
+        out: dict[str, tuple[zarr.Array, tuple[int, ...]]] = {}
+        for ci, ch in enumerate(self.channels):
+            out[f"image/{ch}"] = (self.group["image"], (slot, ci))  # type: ignore[assignment]
+        for name in ("label", "brain", "annotated"):
+            out[name] = (self.group[name], (slot,))  # type: ignore[assignment]
+        return {name: (arr, sel, self._key(arr, sel)) for name, (arr, sel) in out.items()}
+
+    @staticmethod
+    def _key(arr: zarr.Array, selection: tuple[int, ...]) -> str:
+        coords = selection + (0,) * (arr.ndim - len(selection))
+        return f"{arr.path}/{arr.metadata.encode_chunk_key(coords)}"
+
+    def missing_chunks(self, records: Iterable[CaseRecord]) -> dict[str, list[str]]:
+        """Store keys of absent chunks, per case that has any (one existence check per
+        chunk, all at once).
+
+        Only cases committed with checksums are checked: older stores did not write
+        chunks equal to the fill value, so an absent chunk there may be a legitimate zero.
+        """
+        import asyncio
+
+        store = self.group.store
+        wanted = [(rec.case_id, key) for rec in records if "checksums" in rec.attrs
+                  for _, _, key in self._chunk_keys(rec.slot).values()]
+
+        async def check() -> list[bool]:
+            return list(await asyncio.gather(*(store.exists(key) for _, key in wanted)))
+
+        out: dict[str, list[str]] = {}
+        for (cid, key), present in zip(wanted, sync(check()) if wanted else [], strict=True):
+            if not present:
+                out.setdefault(cid, []).append(key)
+        return out
+
+    def read_case(self, case_id: str, *, record: CaseRecord | None = None,
+                  verify: bool = False) -> dict[str, np.ndarray]:
+        """The arrays of one committed case: ``image`` (C, Z, Y, X), ``label``, ``brain``.
+
+        Parameters
+        ----------
+        record : CaseRecord, optional
+            The case's record, when the caller holds it (saves listing the records).
+        verify : bool
+            Also compare each array with the SHA-256 recorded at commit.
+
+        Raises
+        ------
+        KeyError
+            The case is not committed.
+        CaseDamaged
+            A chunk of the case is absent, cannot be decoded, or (``verify``) does not
+            match its checksum; the message names the case and the chunk.
+        """
+        if record is None:
+            records = self.committed()
+            if case_id not in records:
+                raise KeyError(f"case {case_id!r} is not committed in {self.url}/{self.dataset}")
+            record = records[case_id]
+        missing = self.missing_chunks([record]).get(case_id)
+        if missing:
+            raise CaseDamaged(case_id, f"chunk {missing[0]!r} is missing"
+                              + (f" (and {len(missing) - 1} more)" if len(missing) > 1 else ""),
+                              self)
+        expected = record.attrs.get("checksums", {}) if verify else {}
+        parts: dict[str, np.ndarray] = {}
+        for name, (arr, selection, key) in self._chunk_keys(record.slot).items():
+            try:
+                values = arr[selection]
+            except Exception as err:  # the codecs raise RuntimeError, ValueError, ...
+                raise CaseDamaged(case_id, f"chunk {key!r} cannot be decoded "
+                                  f"({type(err).__name__}: {err})", self) from err
+            if verify and name in expected and _sha256(np.ascontiguousarray(values)) != expected[name]:
+                raise CaseDamaged(case_id, f"chunk {key!r} does not match the checksum "
+                                  "recorded at commit", self)
+            parts[name] = values
         return {
-            "image": self.group["image"][s],
-            "label": self.group["label"][s],
-            "brain": self.group["brain"][s],
-            "annotated": self.group["annotated"][s],
+            "image": np.stack([parts[f"image/{ch}"] for ch in self.channels]),
+            "label": parts["label"],
+            "brain": parts["brain"],
+            "annotated": parts["annotated"],
         }
 
+    def verify_case(self, case_id: str, *, record: CaseRecord | None = None) -> str | None:
+        """What is wrong with a committed case (absent, undecodable or changed chunks),
+        or None when every chunk is present, decodes and matches its checksum."""
+        try:
+            self.read_case(case_id, record=record, verify=True)
+        except CaseDamaged as err:
+            return err.reason
+        return None
 
-def _check_case_id(case_id: str) -> None:
-    if not case_id or "/" in case_id or case_id.startswith((".", "_")) or case_id.strip() != case_id:
-        raise ValueError(f"case id {case_id!r} cannot name a store entry (no '/', no leading '.' or '_')")
+    # -- compaction -----------------------------------------------------------------
+
+    def compact(self) -> int:
+        """Move committed cases into free slots, trim the arrays, consolidate metadata.
+
+        Call at the end of a writing run, holding the writer lease. Each move copies the
+        case into the lower slot, re-points the slot table, rewrites the record (one
+        atomic write) and only then clears the old slot, so a kill at any moment leaves
+        every committed case readable. Returns the number of cases moved.
+        """
+        records = self.committed()
+        n = len(records)
+        used = {r.slot for r in records.values()}
+        holes = [s for s in range(n) if s not in used]
+        movers = sorted((r for r in records.values() if r.slot >= n), key=lambda r: r.slot)
+        slots = {cid: r.slot for cid, r in records.items()}
+        for hole, rec in zip(holes, movers, strict=True):
+            for name in ("image", "label", "brain", "annotated"):
+                arr = self._array(name)
+                arr[hole] = arr[rec.slot]
+            self._array("case")[hole] = rec.case_id
+            slots[rec.case_id] = hole
+            self._meta("cases").attrs["slots"] = slots
+            attrs = {**rec.attrs, "slot": hole}
+            self._meta("cases").create_group(store_key(rec.case_id), attributes=_jsonable(attrs),
+                                             overwrite=True)
+            self._array("case")[rec.slot] = ""
+        self._meta("cases").attrs["slots"] = slots
+        if self.n_slots != n:
+            for name in _PER_CASE:
+                arr = self.group[name]
+                arr.resize((n, *arr.shape[1:]))
+                self._drop_chunks_from(arr, n)
+        self.consolidate()
+        return len(holes)
+
+    def _drop_chunks_from(self, arr: zarr.Array, n: int) -> None:
+        """Delete the chunks of slots >= n (zarr's resize leaves them on disk)."""
+        store = arr.store
+        prefix = f"{arr.path}/c"
+
+        async def drop() -> None:
+            async for name in store.list_dir(prefix):
+                if name.isdigit() and int(name) >= n:
+                    await store.delete_dir(f"{prefix}/{name}")
+
+        sync(drop())
+
+    def consolidate(self, wait: float = 120.0) -> None:
+        """Write the store's consolidated metadata, for plain ``xarray.open_zarr``.
+
+        xarray reads consolidated metadata from the root of the store, so the root's
+        ``zarr.json`` holds that of every dataset's arrays; the ``_xrai`` bookkeeping
+        (records, leases) is left out, as it changes during runs and no plain reader
+        needs it. Writers of different datasets take turns through the store's own lease.
+        """
+        from zarr.core.buffer import default_buffer_prototype
+
+        store = self.group.store
+        zarr.open_group(store, path=_META, mode="a")  # the store-level lease lives here
+        with writer_lease(self.url, None, wait=wait, storage_options=self.storage_options):
+            with warnings.catch_warnings():
+                # zarr warns that consolidated metadata is not in the v3 spec yet; xarray
+                # reads it, and warns without it.
+                warnings.simplefilter("ignore", UserWarning)
+                zarr.consolidate_metadata(store)
+            proto = default_buffer_prototype()
+            raw = sync(store.get("zarr.json", prototype=proto))
+            doc = json.loads(raw.to_bytes())
+            flat = doc["consolidated_metadata"]["metadata"]
+            doc["consolidated_metadata"]["metadata"] = {
+                k: v for k, v in flat.items() if _META not in k.split("/")}
+            sync(store.set("zarr.json", proto.buffer.from_bytes(json.dumps(doc).encode())))
+
+
+_SAFE = re.compile(r"[A-Za-z0-9._ ()+,=@~-]")
+
+
+def store_key(case_id: str) -> str:
+    """The store key of a case id: the id itself when it is safe, else percent-encoded.
+
+    Encoded: ``%``, ``/``, ``\\``, control characters and every other character outside
+    a conservative set (letters, digits, ``._ ()+,=@~-``), a leading ``.``, ``_`` or
+    space (hidden or reserved names), trailing spaces, and the dots of Zarr's metadata
+    names (``zarr.json``, ``.zattrs``, ...). The mapping is injective (``%`` itself is
+    encoded), so two ids never share a key.
+
+    Raises
+    ------
+    ValueError
+        For an empty id.
+
+    Examples
+    --------
+    >>> store_key("UPENN-GBM-00001_11"), store_key("_scratch"), store_key("case 1 ")
+    ('UPENN-GBM-00001_11', '%5Fscratch', 'case 1%20')
+    """
+    if not case_id:
+        raise ValueError("a case id cannot be empty")
+    chars = [ch if _SAFE.fullmatch(ch) else _pct(ch) for ch in case_id]
+    if case_id[0] in "._ ":
+        chars[0] = _pct(case_id[0])
+    for i in range(len(case_id) - 1, 0, -1):  # trailing spaces
+        if case_id[i] != " ":
+            break
+        chars[i] = _pct(" ")
+    key = "".join(chars)
+    if key in ("zarr.json", ".zarray", ".zgroup", ".zattrs"):
+        key = key.replace(".", "%2E")
+    return key
+
+
+def _pct(ch: str) -> str:
+    return "".join(f"%{b:02X}" for b in ch.encode("utf-8"))
+
+
+def _sha256(values: np.ndarray) -> str:
+    return hashlib.sha256(memoryview(np.ascontiguousarray(values)).cast("B")).hexdigest()
+
+
+class CaseDamaged(StoreError):
+    """A committed case whose stored chunks are absent, undecodable or changed.
+
+    ``xrai verify`` lists these; re-ingesting the case (``xrai ingest --recompute`` or
+    after a source change) rewrites it.
+    """
+
+    def __init__(self, case_id: str, reason: str, store: DatasetStore) -> None:
+        self.case_id = case_id
+        self.reason = reason
+        super().__init__(f"case {case_id!r} in {store.url}/{store.dataset}: {reason}; "
+                         "run `xrai verify` to list damaged cases, re-ingest them with "
+                         "`xrai ingest --recompute` to repair")
 
 
 def _jsonable(value: Any) -> Any:

@@ -47,7 +47,7 @@ from numpy.typing import NDArray
 from scipy.ndimage import affine_transform
 from torch.utils.data import Dataset, IterableDataset, get_worker_info
 
-from pipeline.store import DatasetStore
+from pipeline.store import CaseRecord, DatasetStore
 from pipeline.train.losses import signed_distance_map
 from pipeline.train.normalize import NormalizationPlan
 
@@ -153,22 +153,26 @@ def _open(url: str, dataset: str) -> DatasetStore:
 CASE_CACHE_BYTES = 2**30
 
 
-def case_slots(store: DatasetStore, case_ids: Sequence[str]) -> dict[str, int]:
-    """Slots of committed cases; ``KeyError`` naming the first case that is not committed."""
+def case_records(store: DatasetStore, case_ids: Sequence[str]) -> dict[str, CaseRecord]:
+    """Records of committed cases; ``KeyError`` naming the first case that is not committed."""
     records = store.committed()
     missing = [c for c in case_ids if c not in records]
     if missing:
         raise KeyError(f"case {missing[0]!r} is not committed in {store.url}/{store.dataset}")
-    return {c: records[c].slot for c in case_ids}
+    return {c: records[c] for c in case_ids}
 
 
-def load_case(store: DatasetStore, case_id: str, slot: int, plan: NormalizationPlan) -> CaseArrays:
-    """Read one case by slot (whole volumes, one chunk per channel) and normalize it."""
-    g = store.group
-    brain = np.asarray(g["brain"][slot], dtype=bool)
-    image = plan.apply(np.asarray(g["image"][slot]), brain).numpy()
-    return CaseArrays(case_id, image, np.asarray(g["label"][slot], dtype=np.uint8), brain,
-                      np.asarray(g["annotated"][slot], dtype=bool))
+def load_case(store: DatasetStore, record: CaseRecord, plan: NormalizationPlan) -> CaseArrays:
+    """Read one case (whole volumes, one chunk per channel) and normalize it.
+
+    Raises `pipeline.store.CaseDamaged`, naming the case and the chunk, when a chunk is
+    absent or cannot be decoded.
+    """
+    arrays = store.read_case(record.case_id, record=record)
+    brain = np.asarray(arrays["brain"], dtype=bool)
+    image = plan.apply(np.asarray(arrays["image"]), brain).numpy()
+    return CaseArrays(record.case_id, image, np.asarray(arrays["label"], dtype=np.uint8), brain,
+                      np.asarray(arrays["annotated"], dtype=bool))
 
 
 def _pad_to(arr: NDArray[Any], size: Sequence[int], axes_from: int) -> NDArray[Any]:
@@ -301,7 +305,7 @@ class TrainSamples(IterableDataset):
         n_output_channels(target)
         store = _open(store_url, dataset)
         plan.check_channels(store.channels)
-        self.slots = case_slots(store, list(case_ids))
+        self.records = case_records(store, list(case_ids))
         self.store_url, self.dataset = store_url, dataset
         self.case_ids = sorted(case_ids)
         self.plan, self.sampling, self.target = plan, sampling, target
@@ -317,7 +321,7 @@ class TrainSamples(IterableDataset):
     def _load(self, store: DatasetStore, cid: str) -> CaseArrays:
         case = self._cache.get(cid)
         if case is None:
-            case = load_case(store, cid, self.slots[cid], self.plan)
+            case = load_case(store, self.records[cid], self.plan)
             size = case.image.nbytes + case.label.nbytes + case.brain.nbytes
             if self._cached_bytes + size <= CASE_CACHE_BYTES:
                 self._cache[cid] = case
@@ -391,7 +395,7 @@ class ValidationCases(Dataset):
         plan.check_channels(store.channels)
         n_output_channels(target)
         self.case_ids = list(case_ids)
-        self.slots = case_slots(store, self.case_ids)
+        self.records = case_records(store, self.case_ids)
         self.store_url, self.dataset, self.plan, self.target = store_url, dataset, plan, target
 
     def __len__(self) -> int:
@@ -399,7 +403,7 @@ class ValidationCases(Dataset):
 
     def __getitem__(self, index: int) -> dict[str, Any]:
         cid = self.case_ids[index]
-        case = load_case(_open(self.store_url, self.dataset), cid, self.slots[cid], self.plan)
+        case = load_case(_open(self.store_url, self.dataset), self.records[cid], self.plan)
         return {"case_id": cid, "image": torch.from_numpy(case.image),
                 "target": torch.from_numpy(make_target(case.label, self.target)),
                 "label": torch.from_numpy(case.label),
@@ -412,7 +416,7 @@ __all__ = [
     "TrainSamples",
     "ValidationCases",
     "augment",
-    "case_slots",
+    "case_records",
     "load_case",
     "make_target",
     "n_output_channels",

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import dataclasses
 import shutil
 from pathlib import Path
 
@@ -12,13 +13,13 @@ from flows.tasks import (
     case_stats,
     discover_cases,
     ingest_one,
-    prepare_store,
     task_runner,
     worth_retrying,
     write_phantom_source,
 )
 from pipeline.download.errors import ChecksumError, DownloadError
 from pipeline.errors import StoreError
+from pipeline.ingest import ingest_session
 from pipeline.store import DatasetStore, Grid
 
 from .conftest import CASES, SHAPE, PlainRun
@@ -58,14 +59,16 @@ def test_ingest_then_stats_are_keyed_by_content(tmp_path: Path, phantom_source: 
     assert len(cases) == CASES + 1
     store = str(tmp_path / "s.zarr")
     case = cases[0]
-    slots = prepare_store.fn(store, "t", Grid(shape=SHAPE), layout, [case.case_id])
-    slot, committed = slots[case.case_id]
-    assert committed is None
-    assert ingest_one.fn(store, "t", case, slot, committed).status == "ingested"
-    content_hash = DatasetStore.open(store, "t").committed()[case.case_id].content_hash
-    assert ingest_one.fn(store, "t", case, slot, content_hash).status == "unchanged"
-    assert ingest_one.fn(store, "t", case, slot, content_hash,
-                         recompute=True).status == "ingested"
+    with ingest_session([case], store, "t", grid=Grid(shape=SHAPE), collection=layout) as s:
+        job, = s.jobs
+        assert job.committed_hash is None
+        assert ingest_one.fn(job).status == "ingested"
+    with ingest_session([case], store, "t", grid=Grid(shape=SHAPE), collection=layout) as s:
+        job, = s.jobs
+        content_hash = DatasetStore.open(store, "t").committed()[case.case_id].content_hash
+        assert job.committed_hash == content_hash
+        assert ingest_one.fn(job).status == "unchanged"
+        assert ingest_one.fn(job, recompute=True).status == "ingested"
 
     from pipeline.stats_runner import engine_config
 
@@ -77,16 +80,22 @@ def test_ingest_then_stats_are_keyed_by_content(tmp_path: Path, phantom_source: 
     assert case_stats.fn(store, "t", case.case_id, "0" * 64, config) == "computed"
 
 
-def test_prepare_store_keeps_slots_and_reports_committed(tmp_path: Path,
-                                                        plain_run: PlainRun) -> None:
+def test_ingest_session_keeps_slots_and_reports_committed(tmp_path: Path, plain_run: PlainRun,
+                                                         phantom_source: Path) -> None:
     store = str(tmp_path / "copy.zarr")
     shutil.copytree(plain_run.store_url, store)
     committed = DatasetStore.open(store, plain_run.dataset).committed()
-    slots = prepare_store.fn(store, plain_run.dataset, Grid(shape=SHAPE), "brats",
-                             [*committed, "XRAI-NEW-1"])
+    # the run was compacted: its committed cases fill the first slots, the rest is free
+    assert sorted(r.slot for r in committed.values()) == list(range(len(committed)))
+    _, cases = discover_cases.fn(str(phantom_source), "auto")
+    new = dataclasses.replace(cases[0], case_id="XRAI-NEW-1")
+    known = [c for c in cases if c.case_id in committed]
+    with ingest_session([*known, new], store, plain_run.dataset, grid=Grid(shape=SHAPE),
+                        collection="brats") as session:
+        jobs = {job.case.case_id: job for job in session.jobs}
     for cid, rec in committed.items():
-        assert slots[cid] == (rec.slot, rec.content_hash)
-    assert slots["XRAI-NEW-1"] == (len(committed) + 1, None)  # after the quarantined case
-    with pytest.raises(StoreError, match=r"was created with grid"):
-        prepare_store.fn(store, plain_run.dataset, Grid(shape=(48, 48, 32)), "brats",
-                         list(committed))
+        assert (jobs[cid].slot, jobs[cid].committed_hash) == (rec.slot, rec.content_hash)
+    assert (jobs["XRAI-NEW-1"].slot, jobs["XRAI-NEW-1"].committed_hash) == (len(committed), None)
+    with pytest.raises(StoreError, match=r"was created with grid"), \
+            ingest_session(known, store, plain_run.dataset, grid=Grid(shape=(48, 48, 32))):
+        pass
