@@ -16,22 +16,30 @@ A manifest records, for one dataset of the store:
 ``Manifest.loss_spec()`` gives the dict the trainer's ``build_loss`` takes
 (``{"name": "manifest", "terms": [...], "weighting": {...}}``). `load_manifest` turns
 every validation failure into a `ManifestError` naming the file, the field path and the
-offending value. The JSON Schema of the model is committed as
+offending value; it is the one check of both ``xrai manifest validate`` and the trainer.
+Besides the schema it checks every loss term's and the weighting's parameters against
+what the trainer's constructors accept (`LOSS_PARAMETERS`, `WEIGHTING_PARAMETERS`: names,
+kinds, ranges; a trainer test keeps them equal to the constructors), so a manifest that
+validates builds its loss. The JSON Schema of the model is committed as
 ``stats/manifest.schema.json`` (`export_schema`; a test keeps it current).
 
 NaN (undefined skewness of a constant sample, for instance) is written as JSON ``null``
-and read back as NaN.
+and read back as NaN. A file with ``NaN``, ``Infinity`` or a number that overflows a float
+(which Python's JSON parser accepts) is rejected, naming the field.
 """
 
 from __future__ import annotations
 
+import difflib
 import hashlib
 import json
 import math
 import os
 import platform
+import re
 import tempfile
-from collections.abc import Mapping
+from collections.abc import Callable, Mapping
+from dataclasses import dataclass
 from datetime import datetime, timezone
 from pathlib import Path
 from typing import Any, Literal
@@ -39,6 +47,7 @@ from typing import Any, Literal
 import numpy as np
 from numpy.typing import ArrayLike, NDArray
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, model_validator
+from pydantic_core import InitErrorDetails, PydanticCustomError
 
 from stats.rules import (
     LOSS_NAMES,
@@ -58,15 +67,19 @@ from stats.transforms import Selection, TransformName, make_transform, select
 __all__ = [
     "CLIP_PERCENTILES",
     "LOSS_NAMES",
+    "LOSS_PARAMETERS",
     "MANIFEST_SCHEMA_VERSION",
+    "MAX_NESTING",
     "SCHEMA_PATH",
     "TERM_NAMES",
     "WEIGHTING_METHODS",
+    "WEIGHTING_PARAMETERS",
     "ChannelNormalization",
     "DatasetInfo",
     "LossConfig",
     "Manifest",
     "ManifestError",
+    "ParamSpec",
     "Provenance",
     "build_manifest",
     "channel_normalization",
@@ -78,6 +91,7 @@ __all__ = [
     "manifest_json_schema",
     "stats_fingerprint",
     "validate_command",
+    "validate_manifest",
     "write_manifest",
 ]
 
@@ -93,6 +107,224 @@ PACKAGES = ("xrai-pipeline", "numpy", "scipy", "pydantic", "dask", "zarr", "torc
 class ManifestError(ValueError):
     """A manifest (or the statistics it is built from) is invalid; the message names the
     file, the field path and the offending value."""
+
+
+# ------------------------------------------------------------------ constructor parameters
+ParamKind = Literal["bool", "int", "float", "str", "floats"]
+
+
+@dataclass(frozen=True)
+class ParamSpec:
+    """One keyword argument of a trainer loss (or weighting) constructor, as a manifest
+    writes it.
+
+    ``stats/`` does not import torch, so these tables restate the constructors of
+    ``pipeline.train.losses.LOSSES`` and ``pipeline.train.weighting``; a test of the
+    trainer keeps names, kinds, defaults and choices equal to the signatures, and a
+    property test checks that every manifest `validate_manifest` accepts builds there.
+
+    Parameters
+    ----------
+    kind : {"bool", "int", "float", "str", "floats"}
+        JSON form: ``true``/``false``; an integer; a finite number (integers included);
+        a string (one of ``choices``); a list of finite numbers.
+    default : bool, int, float, str, tuple of float or None
+        The constructor's default (None: only omitting the parameter gives None).
+    ge, gt, le : float, optional
+        Bounds of the number, or of every item of a list. ``le="1/n_terms"``: at most one
+        over the number of loss terms.
+    choices : tuple of str
+        The strings allowed (kind ``"str"``).
+    min_items : int
+        Fewest items of a list.
+    n_items : int or "n_terms", optional
+        Exact number of items of a list (``"n_terms"``: one per loss term).
+    adaptable : bool
+        Whether ``loss.adaptation.params`` may name it: the built loss holds it as a
+        float attribute of that name, which the greedy search multiplies.
+    """
+
+    kind: ParamKind
+    default: bool | int | float | str | tuple[float, ...] | None
+    ge: float | None = None
+    gt: float | None = None
+    le: float | Literal["1/n_terms"] | None = None
+    choices: tuple[str, ...] = ()
+    min_items: int = 0
+    n_items: int | Literal["n_terms"] | None = None
+    adaptable: bool = False
+
+
+_REDUCTION = ParamSpec("str", "mean", choices=("mean", "sum", "none"))
+_BACKGROUND = ParamSpec("bool", True)
+
+
+def _nonnegative(default: float) -> ParamSpec:
+    """A float >= 0 the built loss keeps as an attribute (so the adaptation can act on it)."""
+    return ParamSpec("float", default, ge=0.0, adaptable=True)
+
+
+_REGION = {"smooth": _nonnegative(1e-5), "include_background": _BACKGROUND,
+           "reduction": _REDUCTION}
+_VOXEL = {"include_background": _BACKGROUND, "reduction": _REDUCTION}
+
+#: Keyword arguments of every manifest term's loss (``TERM_NAMES``), by registry name.
+#: ``adaptive_tversky``'s ``regions_per_axis`` is an int here: the constructor also takes
+#: a list of ints, but a manifest's parameter lists are lists of floats (`LossTerm.params`),
+#: which it rejects.
+LOSS_PARAMETERS: Mapping[str, Mapping[str, ParamSpec]] = {
+    "adaptive_tversky": {"A": _nonnegative(0.3), "B": _nonnegative(0.4),
+                         "regions_per_axis": ParamSpec("int", 1, ge=1), **_REGION},
+    "asymmetric": {"beta": _nonnegative(1.5), **_REGION},
+    "barron": {"alpha": ParamSpec("float", 1.0, adaptable=True),
+               "scale": ParamSpec("float", 0.1, gt=0.0, adaptable=True),
+               "learnable": ParamSpec("bool", False),
+               "alpha_range": ParamSpec("floats", (0.0, 2.0), ge=0.0, n_items=2),
+               "table_size": ParamSpec("int", 257, ge=2), **_VOXEL},
+    "bce": _VOXEL,
+    "boundary": _VOXEL,
+    "dice": _REGION,
+    "dice_ce": {"lambda_dice": _nonnegative(1.0), "lambda_ce": _nonnegative(1.0),
+                "smooth": ParamSpec("float", 1e-5, ge=0.0), "include_background": _BACKGROUND},
+    "dice_focal": {"lambda_dice": _nonnegative(1.0), "lambda_focal": _nonnegative(1.0),
+                   "gamma": ParamSpec("float", 2.0, ge=0.0),
+                   "alpha": ParamSpec("float", None, ge=0.0, le=1.0),
+                   "smooth": ParamSpec("float", 1e-5, ge=0.0),
+                   "include_background": _BACKGROUND},
+    "focal": {"gamma": _nonnegative(2.0),
+              "alpha": ParamSpec("float", None, ge=0.0, le=1.0, adaptable=True), **_VOXEL},
+    "focal_tversky": {"alpha": _nonnegative(0.3), "beta": _nonnegative(0.7),
+                      "gamma": ParamSpec("float", 4.0 / 3.0, gt=0.0, adaptable=True),
+                      **_REGION},
+    "generalized_dice": _REGION,
+    "hausdorff_dt": {"alpha": _nonnegative(2.0), **_VOXEL},
+    "iou": _REGION,
+    "tversky": {"alpha": _nonnegative(0.3), "beta": _nonnegative(0.7), **_REGION},
+    "wce": {"weight": ParamSpec("floats", None, ge=0.0, min_items=2), **_VOXEL},
+}
+
+#: Keyword arguments of every weighting method (``WEIGHTING_METHODS``; the trainer fills
+#: in ``n_terms``).
+WEIGHTING_PARAMETERS: Mapping[str, Mapping[str, ParamSpec]] = {
+    "static": {"weights": ParamSpec("floats", None, ge=0.0, n_items="n_terms")},
+    "rebalance": {"alpha_start": ParamSpec("float", 1.0, ge=0.0, le=1.0),
+                  "alpha_end": ParamSpec("float", 0.0, ge=0.0, le=1.0),
+                  "steps": ParamSpec("int", 1000, ge=1)},
+    "softadapt": {"beta": ParamSpec("float", 3.0), "window": ParamSpec("int", 5, ge=2),
+                  "variant": ParamSpec("str", "plain", choices=("plain", "loss_weighted")),
+                  "normalize": ParamSpec("bool", True)},
+    "cov": {"min_weight": ParamSpec("float", None, ge=0.0, le="1/n_terms")},
+}
+
+#: A problem with one parameter: (its name, what is wrong, the offending value).
+_Problem = tuple[str, str, Any]
+
+
+def _is_number(v: Any) -> bool:
+    return isinstance(v, (int, float)) and not isinstance(v, bool) and math.isfinite(v)
+
+
+def _expected(spec: ParamSpec, n_terms: int) -> str:
+    """What a parameter must be, in words: ``"a finite number in [0, 1]"``."""
+    le = 1 / n_terms if spec.le == "1/n_terms" else spec.le
+    low = (f"[{spec.ge:g}" if spec.ge is not None
+           else f"({spec.gt:g}" if spec.gt is not None else None)
+    if low is not None and le is not None:
+        bound = f" in {low}, {le:g}]"
+    elif low is not None:
+        bound = f" >= {spec.ge:g}" if spec.ge is not None else f" > {spec.gt:g}"
+    else:
+        bound = "" if le is None else f" <= {le:g}"
+    if spec.kind == "bool":
+        return "true or false"
+    if spec.kind == "str":
+        return f"one of {list(spec.choices)!r}"
+    if spec.kind == "int":
+        return f"an integer{bound}"
+    if spec.kind == "float":
+        return f"a finite number{bound}"
+    n = n_terms if spec.n_items == "n_terms" else spec.n_items
+    size = (f"{n}" if n is not None else f"at least {spec.min_items}" if spec.min_items
+            else "")
+    per_term = " (one per loss term)" if spec.n_items == "n_terms" else ""
+    each = f", each{bound}" if bound else ""
+    return f"a list of {size + ' ' if size else ''}finite numbers{per_term}{each}"
+
+
+def _fits(spec: ParamSpec, value: Any, n_terms: int) -> bool:
+    le = 1 / n_terms if spec.le == "1/n_terms" else spec.le
+
+    def in_bounds(x: float) -> bool:
+        return ((spec.ge is None or x >= spec.ge) and (spec.gt is None or x > spec.gt)
+                and (le is None or x <= le))
+
+    if spec.kind == "bool":
+        return isinstance(value, bool)
+    if spec.kind == "str":
+        return isinstance(value, str) and value in spec.choices
+    if spec.kind == "int":
+        return isinstance(value, int) and not isinstance(value, bool) and in_bounds(value)
+    if spec.kind == "float":
+        return _is_number(value) and in_bounds(value)
+    if not isinstance(value, (list, tuple)):
+        return False
+    n = n_terms if spec.n_items == "n_terms" else spec.n_items
+    return ((n is None or len(value) == n) and len(value) >= spec.min_items
+            and all(_is_number(x) and in_bounds(x) for x in value))
+
+
+def _parameter_problems(owner: str, specs: Mapping[str, ParamSpec],
+                        params: Mapping[str, Any], n_terms: int) -> list[_Problem]:
+    """Unknown names and values that do not fit ``specs``; ``owner`` names the
+    constructor (``"loss 'dice'"``)."""
+    problems: list[_Problem] = []
+    for name, value in params.items():
+        spec = specs.get(name)
+        if spec is None:
+            close = difflib.get_close_matches(name, list(specs), n=1)
+            hint = f" Did you mean {close[0]!r}?" if close else ""
+            problems.append((name, f"{owner} has no parameter {name!r}.{hint} Its "
+                                   f"parameters: {sorted(specs)!r}", value))
+        elif not _fits(spec, value, n_terms):
+            problems.append((name, f"{owner} takes {name} as {_expected(spec, n_terms)}",
+                             value))
+    return problems
+
+
+def _barron_problems(params: Mapping[str, Any]) -> list[_Problem]:
+    """What ``barron``'s constructor checks across its parameters (after each fits)."""
+    specs = LOSS_PARAMETERS["barron"]
+    bounds = params.get("alpha_range", specs["alpha_range"].default)
+    lo, hi = float(bounds[0]), float(bounds[1])  # type: ignore[index]
+    if not lo < hi:
+        return [("alpha_range", "loss 'barron' takes alpha_range as [lo, hi] with "
+                                "0 <= lo < hi", params["alpha_range"])]
+    alpha = params.get("alpha", specs["alpha"].default)
+    if params.get("learnable", False) and not lo < alpha < hi:
+        return [("alpha", f"loss 'barron' with learnable alpha takes alpha strictly inside "
+                          f"alpha_range [{lo:g}, {hi:g}]", alpha)]
+    return []
+
+
+#: Checks across the parameters of one loss, by registry name.
+_CROSS_CHECKS: Mapping[str, Callable[[Mapping[str, Any]], list[_Problem]]] = {
+    "barron": _barron_problems,
+}
+
+
+def _not_adaptable(name: str, params: Mapping[str, Any], param: str) -> str | None:
+    """Why the greedy adaptation cannot act on ``param`` of a ``name`` term (None: it can)."""
+    spec = LOSS_PARAMETERS[name].get(param)
+    if spec is None or not spec.adaptable:
+        names = sorted(p for p, s in LOSS_PARAMETERS[name].items() if s.adaptable)
+        return f"is not a float parameter of loss {name!r} that can adapt; those are {names!r}"
+    if name == "barron" and param == "alpha" and params.get("learnable", False):
+        return "is learned by gradient descent (learnable=true); it cannot also adapt"
+    value = params.get(param, spec.default)
+    if not (_is_number(value) and value > 0):
+        return (f"is {value!r} in that term; a multiplicative action cannot move a parameter "
+                f"that is not > 0")
+    return None
 
 
 class _Frozen(BaseModel):
@@ -121,6 +353,11 @@ class TransformSpec(_Frozen):
 
     name: TransformName
     params: dict[str, float] = Field(default_factory=dict)
+
+    @model_validator(mode="after")
+    def _buildable(self) -> TransformSpec:
+        make_transform(self.name, self.params)  # the trainer rebuilds it the same way
+        return self
 
 
 class ChannelNormalization(_Frozen):
@@ -188,6 +425,40 @@ class LossConfig(_Frozen):
         if self.adaptation is not None and self.adaptation.term >= len(self.terms):
             raise ValueError(f"adaptation.term {self.adaptation.term!r} names no term: there "
                              f"are {len(self.terms)} (indices 0 to {len(self.terms) - 1})")
+        return self
+
+    @model_validator(mode="after")
+    def _parameters_fit(self) -> LossConfig:
+        """Every parameter is one the trainer's constructor takes, of the kind and range it
+        accepts (`LOSS_PARAMETERS`, `WEIGHTING_PARAMETERS`); adapted parameters are float
+        parameters > 0 of their term. All problems are reported, each at its field."""
+        errors: list[tuple[tuple[str | int, ...], str, Any]] = []
+        n_terms = len(self.terms)
+        for i, term in enumerate(self.terms):
+            problems = _parameter_problems(f"loss {term.name!r}", LOSS_PARAMETERS[term.name],
+                                           term.params, n_terms)
+            if not problems and term.name in _CROSS_CHECKS:
+                problems = _CROSS_CHECKS[term.name](term.params)
+            errors += [(("terms", i, "params", p), msg, v) for p, msg, v in problems]
+        method = self.weighting.method
+        errors += [(("weighting", "params", p), msg, v) for p, msg, v in _parameter_problems(
+            f"weighting {method!r}", WEIGHTING_PARAMETERS[method], self.weighting.params,
+            n_terms)]
+        a = self.adaptation
+        if a is not None and a.term < n_terms:  # an index out of range is reported above
+            if len(set(a.params)) != len(a.params):
+                errors.append((("adaptation", "params"), "names a parameter twice", a.params))
+            term = self.terms[a.term]
+            for j, p in enumerate(a.params):
+                why = _not_adaptable(term.name, term.params, p)
+                if why is not None:
+                    errors.append((("adaptation", "params", j),
+                                   f"{p!r} of terms.{a.term} ({term.name!r}) {why}", p))
+        if errors:
+            raise ValidationError.from_exception_data("LossConfig", [
+                InitErrorDetails(type=PydanticCustomError("manifest_parameter", msg), loc=loc,
+                                 input=value)
+                for loc, msg, value in errors])
         return self
 
 
@@ -390,33 +661,153 @@ def _describe(err: ValidationError, path: Path | str) -> str:
         if len(shown) > 200:
             shown = shown[:200] + "..."
         lines.append(f"field {where}: {e['msg']} (got {shown})")
+    return _join(path, lines)
+
+
+def _join(path: Path | str, lines: list[str]) -> str:
     more = f" (and {len(lines) - 1} more: " + "; ".join(lines[1:]) + ")" if len(lines) > 1 else ""
     return f"{path}: {lines[0]}{more}"
 
 
+#: Deepest nesting of arrays and objects a manifest file may have (a manifest nests 6
+#: levels; Python's JSON parser would raise RecursionError near 1000).
+MAX_NESTING = 32
+# A JSON string (an unterminated one runs to the end) or a bracket.
+_JSON_TOKEN = re.compile(r'"(?:[^"\\]|\\.)*"?|[\[\]{}]')
+
+
+class _NonFinite:
+    """Placeholder the JSON parser puts where the file has NaN, Infinity or an overflow."""
+
+    def __init__(self, text: str) -> None:
+        self.text = text
+
+
+def _position(text: str, index: int) -> str:
+    """``"line L, column C"`` (1-based) of character ``index``."""
+    line, start = text.count("\n", 0, index) + 1, text.rfind("\n", 0, index) + 1
+    return f"line {line}, column {index - start + 1}"
+
+
+def _read_json(path: Path, what: str) -> Any:
+    """The JSON document of a file; errors name the file (and where in it).
+
+    Raises
+    ------
+    FileNotFoundError
+        If ``path`` does not exist.
+    ManifestError
+        If it is a directory or unreadable, not UTF-8 (byte position), nested deeper than
+        `MAX_NESTING`, not JSON, or holds a non-finite number (NaN, Infinity, or one that
+        overflows a float; field path).
+    """
+    if path.is_dir():
+        raise ManifestError(f"{what} {str(path)!r} is a directory, not a file")
+    try:
+        data = path.read_bytes()
+    except FileNotFoundError as err:
+        raise FileNotFoundError(f"{what} {str(path)!r} does not exist") from err
+    except OSError as err:
+        raise ManifestError(f"{what} {str(path)!r} cannot be read: "
+                            f"{err.strerror or err}") from err
+    try:
+        text = data.decode("utf-8")
+    except UnicodeDecodeError as err:
+        line = data.count(b"\n", 0, err.start) + 1
+        raise ManifestError(
+            f"{path}: not UTF-8 text: byte {data[err.start:err.start + 1]!r} at byte position "
+            f"{err.start} (line {line}) cannot be decoded ({err.reason}); a manifest is "
+            f"UTF-8 JSON") from err
+    depth = 0
+    for token in _JSON_TOKEN.finditer(text):
+        c = token.group()
+        if c in "[{":
+            depth += 1
+            if depth > MAX_NESTING:
+                raise ManifestError(
+                    f"{path}: JSON nested more than {MAX_NESTING} levels deep at "
+                    f"{_position(text, token.start())}; a manifest nests a few levels")
+        elif c in "]}":
+            depth -= 1
+    try:
+        doc = json.loads(text, parse_constant=_NonFinite, parse_float=_finite_or_placeholder)
+    except RecursionError as err:  # not reached below MAX_NESTING; kept as a guard
+        raise ManifestError(f"{path}: JSON nested too deeply to parse") from err
+    except ValueError as err:  # JSONDecodeError, or an integer beyond Python's digit limit
+        raise ManifestError(f"{path}: not valid JSON: {err}") from err
+    bad = _non_finite_fields(doc)
+    if bad:
+        lines = [f"field {where}: not a finite number; a manifest holds finite numbers "
+                 f"only (an undefined statistic is written as null) (got {token})"
+                 for where, token in bad]
+        raise ManifestError(_join(path, lines))
+    return doc
+
+
+def _finite_or_placeholder(text: str) -> float | _NonFinite:
+    x = float(text)
+    return x if math.isfinite(x) else _NonFinite(text)
+
+
+def _non_finite_fields(doc: Any) -> list[tuple[str, str]]:
+    """``(field path, JSON text)`` of every non-finite number, in document order."""
+    found: list[tuple[str, str]] = []
+    stack: list[tuple[tuple[str, ...], Any]] = [((), doc)]
+    while stack:  # iterative: no recursion limit
+        loc, node = stack.pop()
+        if isinstance(node, _NonFinite):
+            found.append((".".join(loc) or "(top level)", node.text))
+        elif isinstance(node, dict):
+            stack.extend(((*loc, str(k)), v) for k, v in reversed(node.items()))
+        elif isinstance(node, list):
+            stack.extend(((*loc, str(i)), v) for i, v in reversed(list(enumerate(node))))
+    return found
+
+
+def validate_manifest(doc: Any, source: str | os.PathLike[str]) -> Manifest:
+    """Validate a parsed manifest document: the schema, and every loss and weighting
+    parameter against what the trainer's constructors accept.
+
+    Parameters
+    ----------
+    doc : Any
+        The JSON document (`json.loads` of the file).
+    source : str or PathLike
+        The file it came from, named in every message.
+
+    Returns
+    -------
+    Manifest
+
+    Raises
+    ------
+    ManifestError
+        The message names ``source``, each field path (``loss.terms.0.params.smooth``) and
+        offending value.
+    """
+    try:
+        return Manifest.model_validate(doc)
+    except ValidationError as err:
+        raise ManifestError(_describe(err, source)) from err
+
+
 def load_manifest(path: str | os.PathLike[str]) -> Manifest:
-    """Read and validate a manifest file.
+    """Read and validate a manifest file: the one check of ``xrai manifest validate`` and
+    of the trainer (``pipeline.train.benchmark.load_training_manifest``), so that a
+    manifest that validates also builds its loss there.
 
     Raises
     ------
     FileNotFoundError
         If the file does not exist.
     ManifestError
-        If it is not JSON or does not validate: the message names the file, the field
-        path (``loss.terms.0.name``) and the offending value.
+        If it is a directory, is not UTF-8 (the byte position), nests deeper than
+        `MAX_NESTING`, is not JSON, holds NaN or Infinity, or does not validate
+        (`validate_manifest`): the message names the file, the field path
+        (``loss.terms.0.name``) and the offending value.
     """
     p = Path(path)
-    if not p.is_file():
-        raise FileNotFoundError(f"manifest {str(p)!r} does not exist")
-    text = p.read_text(encoding="utf-8")
-    try:
-        json.loads(text)
-    except json.JSONDecodeError as err:
-        raise ManifestError(f"{p}: not valid JSON: {err}") from err
-    try:
-        return Manifest.model_validate_json(text)
-    except ValidationError as err:
-        raise ManifestError(_describe(err, p)) from err
+    return validate_manifest(_read_json(p, "manifest"), p)
 
 
 def write_manifest(manifest: Manifest, path: str | os.PathLike[str]) -> Path:
@@ -486,7 +877,8 @@ def manifest_command(stats_path: str | os.PathLike[str], out_path: str | os.Path
 
 
 def validate_command(path: str | os.PathLike[str]) -> Manifest:
-    """``xrai manifest validate FILE``: the manifest, or `ManifestError` naming the field."""
+    """``xrai manifest validate FILE``: the manifest, or `ManifestError` naming the file and
+    the field (`load_manifest`, the trainer's own check)."""
     return load_manifest(path)
 
 

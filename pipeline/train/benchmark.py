@@ -112,9 +112,24 @@ def resolve_loss_specs(names: Sequence[str], manifest_spec: Mapping[str, Any] | 
     return specs
 
 
-def load_training_manifest(path: str | Path, channels: Sequence[str]
+def load_training_manifest(path: str | Path, channels: Sequence[str], *,
+                           manifest: Any = None
                            ) -> tuple[Any, dict[str, Any], NormalizationPlan]:
     """Load and check a manifest for training: ``(manifest, loss_spec, plan)``.
+
+    The check is ``stats.manifest.load_manifest``, the same as ``xrai manifest validate``'s
+    (schema, non-finite numbers, every loss and weighting parameter against what the
+    constructors here accept); then the loss is built and the normalization plan matched
+    to the store's channels.
+
+    Parameters
+    ----------
+    path : str or Path
+        The manifest file.
+    channels : sequence of str
+        The store's channels, in order.
+    manifest : stats.manifest.Manifest, optional
+        ``path`` as ``load_manifest`` already returned it (the file is not read again).
 
     Raises
     ------
@@ -128,10 +143,11 @@ def load_training_manifest(path: str | Path, channels: Sequence[str]
     from stats.manifest import ManifestError as StatsManifestError
     from stats.manifest import load_manifest
 
-    try:
-        manifest = load_manifest(path)
-    except StatsManifestError as err:
-        raise ManifestError(str(err)) from err
+    if manifest is None:
+        try:
+            manifest = load_manifest(path)
+        except StatsManifestError as err:
+            raise ManifestError(str(err)) from err
     spec = manifest.loss_spec()
     try:
         build_loss(spec)

@@ -144,16 +144,14 @@ def train(
                           val_every=val_every, features=features, levels=levels,
                           workers=workers, device=device, amp=amp, seed=seed)  # type: ignore[arg-type]
         dev = select_device(device)
-        if not manifest.is_file():
-            raise FileNotFoundError(f"manifest {str(manifest)!r} does not exist")
         from stats.manifest import load_manifest
 
-        try:
-            ds_name = dataset or load_manifest(manifest).dataset.name
-        except ValueError as err:  # stats.manifest.ManifestError
-            raise XraiError(str(err)) from err
+        # the check of `xrai manifest validate`, once: a missing file, a directory, bad
+        # bytes or JSON, a field or loss parameter the trainer rejects (ManifestError)
+        loaded = load_manifest(manifest)
+        ds_name = dataset or loaded.dataset.name
         ds = DatasetStore.open(store, ds_name)
-        _, spec, plan = load_training_manifest(manifest, ds.channels)
+        _, spec, plan = load_training_manifest(manifest, ds.channels, manifest=loaded)
         names = [n.strip() for n in losses.split(",") if n.strip()]
         console.print(
             f"training {', '.join(names)} on [bold]{ds_name}[/] ({len(ds.committed())} cases), "
