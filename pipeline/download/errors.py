@@ -39,7 +39,9 @@ class ChecksumError(DownloadError):
 
 
 class UnsafeArchiveError(DownloadError):
-    """A zip archive holds an entry that would escape the destination (never retried)."""
+    """A zip archive is unsafe to extract: an entry that would escape the destination, or
+    sizes or a compression ratio beyond the limits of `pipeline.download.safezip` (never
+    retried)."""
 
 
 class ControlledAccessError(XraiError):

@@ -3,20 +3,42 @@
 nibabel reports the voxel-to-world affine in RAS+ (x grows towards the patient's Right,
 y towards Anterior, z towards Superior); ITK and DICOM use LPS+ (x towards Left, y towards
 Posterior, z towards Superior). The two differ by a sign flip of the first two world axes.
+
+Declared size first
+-------------------
+Before nibabel parses a file, its header (and the chain of header extensions up to
+``vox_offset``) is read from the first bytes of the (decompressed) stream and the
+declared shape is checked against the limits of `pipeline.io.limits` (``MAX_VOXELS``,
+``MAX_VOLUME_BYTES``, ``MAX_HEADER_BYTES``; environment variables ``XRAI_MAX_VOXELS``,
+``XRAI_MAX_VOLUME_BYTES``, ``XRAI_MAX_HEADER_BYTES``). An uncompressed file shorter than
+its declaration is refused as truncated before any voxel is read. A gzip (or bzip2)
+stream is handed to nibabel through a reader that ends at ``vox_offset`` + the declared
+payload: whatever the stream holds beyond that is never decompressed, so a small file
+that inflates to gigabytes costs no more than its header declares.
 """
 
 from __future__ import annotations
 
+import bz2
+import gzip
+import io
+import math
 import zlib
+from collections.abc import Iterator
+from contextlib import contextmanager
+from dataclasses import dataclass
 from pathlib import Path
+from typing import BinaryIO
 
 import nibabel as nib
 import numpy as np
 import SimpleITK as sitk
 from nibabel.filebasedimages import ImageFileError
+from nibabel.spatialimages import HeaderDataError
 from numpy.typing import NDArray
 
 from pipeline.errors import VolumeError
+from pipeline.io.limits import check_declared_size, max_header_bytes
 
 #: RAS+ → LPS+ world-coordinate flip, applied on the left of a nibabel affine.
 RAS_TO_LPS: NDArray[np.float64] = np.diag([-1.0, -1.0, 1.0, 1.0])
@@ -26,6 +48,16 @@ RAS_TO_LPS: NDArray[np.float64] = np.diag([-1.0, -1.0, 1.0, 1.0])
 SHEAR_TOLERANCE = 1e-3
 
 _READ_ERRORS = (OSError, EOFError, ValueError, zlib.error, ImageFileError, MemoryError)
+
+#: Largest single read from a decompressing stream: bounds the decompressor's temporary
+#: copy, so reading N declared bytes peaks at N plus this, not 2N.
+_CHUNK = 1 << 20
+
+#: sizeof_hdr → (image class, header size, magic) of the single-file NIfTI flavours.
+_FLAVOURS: dict[int, tuple[type[nib.Nifti1Image], int, bytes]] = {
+    348: (nib.Nifti1Image, 348, b"n+1"),
+    540: (nib.Nifti2Image, 540, b"n+2"),
+}
 
 
 def affine_to_lps_geometry(
@@ -92,16 +124,256 @@ def affine_to_lps_geometry(
     )
 
 
-def _load(path: Path) -> nib.spatialimages.SpatialImage:
+@dataclass(frozen=True)
+class NiftiLayout:
+    """What a single-file NIfTI header declares, read before any voxel is decoded.
+
+    Parameters
+    ----------
+    image_class : type
+        ``nibabel.Nifti1Image`` or ``nibabel.Nifti2Image``.
+    shape : tuple of int
+        The declared array shape (every dimension).
+    dtype : numpy.dtype
+        The stored voxel type.
+    data_offset : int
+        ``vox_offset``: bytes of header and extensions before the voxels.
+    data_bytes : int
+        ``prod(shape) * dtype.itemsize``.
+    compressed : bool
+        Whether the file is a gzip or bzip2 stream.
+    """
+
+    image_class: type[nib.Nifti1Image]
+    shape: tuple[int, ...]
+    dtype: np.dtype
+    data_offset: int
+    data_bytes: int
+    compressed: bool
+
+    @property
+    def end(self) -> int:
+        """Bytes of the (decompressed) stream the image occupies: header, extensions, voxels."""
+        return self.data_offset + self.data_bytes
+
+
+def _open_stream(path: Path) -> tuple[BinaryIO, bool]:
+    """The file's decompressed byte stream (gzip and bzip2 sniffed by magic number)."""
+    with open(path, "rb") as fh:
+        magic = fh.read(3)
+    if magic[:2] == b"\x1f\x8b":
+        return gzip.open(path, "rb"), True  # type: ignore[return-value]
+    if magic == b"BZh":
+        return bz2.open(path, "rb"), True  # type: ignore[return-value]
+    return open(path, "rb"), False
+
+
+def _read_exact(path: Path, fh: BinaryIO, n: int, where: str) -> bytes:
+    data = fh.read(n)
+    if len(data) != n:
+        raise VolumeError(path, f"not a readable NIfTI file (the stream ends inside {where})")
+    return data
+
+
+def _skip(path: Path, fh: BinaryIO, n: int, where: str) -> None:
+    while n > 0:
+        step = len(_read_exact(path, fh, min(n, _CHUNK), where))
+        n -= step
+
+
+def _parse_layout(path: Path, fh: BinaryIO, compressed: bool) -> NiftiLayout:
+    head = fh.read(4)
+    sizes = [int.from_bytes(head, order) for order in ("little", "big")] if len(head) == 4 else []
+    flavour = next((_FLAVOURS[n] for n in sizes if n in _FLAVOURS), None)
+    if flavour is None:
+        raise VolumeError(
+            path,
+            f"not a readable NIfTI file (first bytes {head!r}; expected sizeof_hdr 348 "
+            "for NIfTI-1 or 540 for NIfTI-2)",
+        )
+    klass, hsize, magic = flavour
+    block = head + _read_exact(path, fh, hsize - 4, "the header")
+    extension_flag = fh.read(4)
+    header = klass.header_class(block, check=False)
+    found = bytes(header["magic"])[:3]
+    if found != magic:
+        raise VolumeError(
+            path,
+            f"header magic is {found!r}; expected {magic!r} (a single-file NIfTI; a "
+            "'.hdr'/'.img' pair is not supported)",
+        )
+    ndim = int(header["dim"][0])
+    if not 1 <= ndim <= 7:
+        raise VolumeError(path, f"header dim[0] is {ndim!r}; expected 1..7 dimensions")
+    try:
+        shape = tuple(int(n) for n in header.get_data_shape())
+        dtype = np.dtype(header.get_data_dtype())
+    except (KeyError, ValueError, HeaderDataError) as err:
+        raise VolumeError(
+            path,
+            f"header datatype {int(header['datatype'])!r} or dim "
+            f"{header['dim'].tolist()!r} cannot be read ({type(err).__name__}: {err})",
+        ) from err
+    data_bytes = check_declared_size(path, shape, dtype.itemsize)
+    vox_offset = float(header["vox_offset"])
+    first, limit = hsize + 4, max_header_bytes()
+    if not (math.isfinite(vox_offset) and first <= vox_offset <= limit):
+        shown = int(vox_offset) if vox_offset.is_integer() else vox_offset
+        raise VolumeError(
+            path,
+            f"header declares vox_offset {shown!r}; expected {first} to {limit} "
+            "(header and extensions, XRAI_MAX_HEADER_BYTES)",
+        )
+    data_offset = int(vox_offset)
+    if extension_flag[:1] not in (b"", b"\x00"):
+        # Walk the extensions as nibabel will, refusing a size that would make it read
+        # past vox_offset (or, for esize < 8, to the end of the stream); NIfTI-1 says
+        # esize is a positive multiple of 16.
+        order = "little" if header.endianness == "<" else "big"
+        pos = first
+        while data_offset - pos >= 16:
+            ext = _read_exact(path, fh, 8, f"the header extension at byte {pos}")
+            esize = int.from_bytes(ext[:4], order, signed=True)
+            if not 16 <= esize <= data_offset - pos:
+                raise VolumeError(
+                    path,
+                    f"header extension at byte {pos} declares esize {esize!r}; expected "
+                    f"16 to {data_offset - pos} (extensions end at vox_offset {data_offset})",
+                )
+            _skip(path, fh, esize - 8, f"the header extension at byte {pos}")
+            pos += esize
+    return NiftiLayout(klass, shape, dtype, data_offset, data_bytes, compressed)
+
+
+def nifti_layout(path: Path) -> NiftiLayout:
+    """Read and check what a NIfTI file declares, without decoding its voxels.
+
+    Parameters
+    ----------
+    path : Path
+        ``.nii`` file, or a gzip/bzip2 stream of one (``.nii.gz``).
+
+    Returns
+    -------
+    NiftiLayout
+
+    Raises
+    ------
+    VolumeError
+        Missing file; not a single-file NIfTI-1/NIfTI-2 header; a declared shape over
+        `~pipeline.io.limits.max_voxels` or `~pipeline.io.limits.max_volume_bytes`; a
+        ``vox_offset`` inside the header or over `~pipeline.io.limits.max_header_bytes`;
+        a header extension that runs past ``vox_offset``.
+
+    Notes
+    -----
+    Reads at most ``vox_offset`` bytes of the (decompressed) stream, in chunks of 1 MiB.
+    """
+    path = Path(path)
     if not path.is_file():
         raise VolumeError(path, "file not found")
     try:
-        img = nib.load(path)
+        fh, compressed = _open_stream(path)
+        with fh:
+            return _parse_layout(path, fh, compressed)
     except _READ_ERRORS as err:
         raise VolumeError(path, f"not a readable NIfTI file ({type(err).__name__}: {err})") from err
-    if not isinstance(img, nib.Nifti1Image | nib.Nifti2Image):
-        raise VolumeError(path, f"expected a NIfTI image, nibabel read a {type(img).__name__}")
-    return img
+
+
+class _CappedStream(io.RawIOBase):
+    """Read-only, seekable view of the first ``limit`` bytes of a binary stream.
+
+    Reads stop at ``limit`` (a seek to the end goes to ``limit``), so a decompressing
+    stream is never inflated beyond it; a large ``readinto`` is served in `_CHUNK`
+    pieces, so the decompressor's temporary copy stays small.
+    """
+
+    def __init__(self, raw: BinaryIO, limit: int, name: str) -> None:
+        super().__init__()
+        self._raw = raw
+        self._limit = limit
+        self._pos = 0
+        self.name = name
+
+    def readable(self) -> bool:
+        return True
+
+    def seekable(self) -> bool:
+        return True
+
+    def tell(self) -> int:
+        return self._pos
+
+    def seek(self, offset: int, whence: int = io.SEEK_SET) -> int:
+        base = {io.SEEK_SET: 0, io.SEEK_CUR: self._pos, io.SEEK_END: self._limit}[whence]
+        self._pos = self._raw.seek(min(max(base + offset, 0), self._limit))
+        return self._pos
+
+    def readinto(self, buffer) -> int:  # type: ignore[no-untyped-def, override]
+        view = memoryview(buffer).cast("B")
+        want = min(len(view), self._limit - self._pos)
+        got = 0
+        while got < want:
+            n = self._raw.readinto(view[got : got + min(_CHUNK, want - got)])
+            if not n:
+                break
+            got += n
+        self._pos += got
+        return got
+
+    def read(self, size: int | None = -1) -> bytes:
+        left = self._limit - self._pos
+        n = left if size is None or size < 0 else min(size, left)
+        parts = []
+        while n > 0:
+            chunk = self._raw.read(min(n, _CHUNK))
+            if not chunk:
+                break
+            parts.append(chunk)
+            self._pos += len(chunk)
+            n -= len(chunk)
+        return b"".join(parts)
+
+    def readall(self) -> bytes:
+        return self.read(-1)
+
+
+@contextmanager
+def _open_image(path: Path) -> Iterator[nib.spatialimages.SpatialImage]:
+    """The nibabel image of ``path``, its declaration checked; voxels read on demand.
+
+    Uncompressed files are memory-mapped after checking they hold what the header
+    declares. Compressed streams are read through `_CappedStream`, which ends at
+    ``vox_offset`` + the declared voxel bytes; the stream stays open inside the block.
+    """
+    layout = nifti_layout(path)
+    klass = layout.image_class
+    if not layout.compressed:
+        size = path.stat().st_size
+        if size < layout.end:
+            raise VolumeError(
+                path,
+                f"voxel data cannot be decoded: the header declares {layout.end} bytes "
+                f"(vox_offset {layout.data_offset} + {layout.data_bytes} of voxels of shape "
+                f"{layout.shape!r}) but the file holds {size}; truncated file?",
+            )
+        try:
+            img = klass.from_filename(str(path))
+        except _READ_ERRORS as err:
+            raise VolumeError(
+                path, f"not a readable NIfTI file ({type(err).__name__}: {err})"
+            ) from err
+        yield img
+        return
+    raw, _ = _open_stream(path)
+    with raw, _CappedStream(raw, layout.end, str(path)) as capped:
+        try:
+            img = klass.from_file_map(klass.make_file_map({"image": capped}), mmap=False)
+        except _READ_ERRORS as err:
+            raise VolumeError(
+                path, f"not a readable NIfTI file ({type(err).__name__}: {err})"
+            ) from err
+        yield img
 
 
 def _shape3d(path: Path, shape: tuple[int, ...]) -> tuple[int, int, int]:
@@ -159,13 +431,14 @@ def read_nifti_image(path: Path) -> sitk.Image:
     Raises
     ------
     VolumeError
-        Missing, truncated or corrupt file; not 3D (a 4D volume whose extra dimensions
-        are all 1 is squeezed); sheared affine.
+        Missing, truncated or corrupt file; a declared size over the limits of
+        `pipeline.io.limits` (checked by `nifti_layout` before any voxel is read); not 3D
+        (a 4D volume whose extra dimensions are all 1 is squeezed); sheared affine.
     """
     path = Path(path)
-    img = _load(path)
-    data = _data(path, img, np.float32)
-    return _to_sitk(path, data, img.affine)
+    with _open_image(path) as img:
+        data = _data(path, img, np.float32)
+        return _to_sitk(path, data, img.affine)
 
 
 def read_nifti_label(path: Path) -> sitk.Image:
@@ -188,9 +461,9 @@ def read_nifti_label(path: Path) -> sitk.Image:
         message gives the first offending value).
     """
     path = Path(path)
-    img = _load(path)
-    data = _data(path, img, None)
-    return _to_sitk(path, check_label_array(path, data), img.affine)
+    with _open_image(path) as img:
+        data = _data(path, img, None)
+        return _to_sitk(path, check_label_array(path, data), img.affine)
 
 
 def check_label_array(path: Path | str, data: NDArray) -> NDArray[np.uint8]:

@@ -21,6 +21,7 @@ frames (DICOM 2024) where the stored value is the number of a kept segment.
 
 from __future__ import annotations
 
+import zlib
 from collections.abc import Sequence
 from pathlib import Path
 
@@ -29,7 +30,13 @@ import pydicom
 import SimpleITK as sitk
 
 from pipeline.errors import VolumeError
-from pipeline.io.dicom import looks_like_dicom, read_dicom_series, read_header
+from pipeline.io.dicom import (
+    check_deflated_size,
+    declared_size,
+    looks_like_dicom,
+    read_dicom_series,
+    read_header,
+)
 
 #: Largest distance (in voxels) between a SEG frame's origin and the reference slice it is
 #: placed on; DICOM's DS strings carry ~16 significant characters, far below this.
@@ -194,12 +201,15 @@ def read_seg_label(
     ------
     VolumeError
         Not a readable SEG; no segment matches ``segments``; the referenced series is not
-        found; a frame does not lie on the referenced grid; Rows/Columns differ from it.
+        found; Rows/Columns differ from it; Rows × Columns × NumberOfFrames over the
+        limits of `pipeline.io.limits` (checked before the frames are decoded); a frame
+        does not lie on the referenced grid.
     """
     path = Path(path)
     try:
+        check_deflated_size(path)
         ds = pydicom.dcmread(path)
-    except (pydicom.errors.InvalidDicomError, OSError, EOFError, ValueError) as err:
+    except (pydicom.errors.InvalidDicomError, OSError, EOFError, ValueError, zlib.error) as err:
         raise VolumeError(path, f"not a readable DICOM file ({type(err).__name__}: {err})") from err
     modality = str(ds.get("Modality", ""))
     if modality != "SEG":
@@ -223,6 +233,7 @@ def read_seg_label(
             f"SEG frames are {rows}x{cols} (rows x columns) but the referenced series' "
             f"slices are {size[1]}x{size[0]}",
         )
+    declared_size([(path, ds)])  # before pydicom allocates the frames
     try:
         pixels = ds.pixel_array
     except (ValueError, RuntimeError, NotImplementedError, AttributeError) as err:
