@@ -26,3 +26,33 @@ def make_image(array_zyx: np.ndarray, *, spacing=(1.0, 1.0, 1.0), origin=(0.0, 0
 @pytest.fixture
 def rng() -> np.random.Generator:
     return np.random.default_rng(20261124)
+
+
+def race_for_lease(url: str, dataset: str, *, contenders: int = 8,
+                   storage_options: dict | None = None) -> tuple[list, list[str]]:
+    """``contenders`` threads released together each try to take one writer lease at once.
+
+    Returns the leases taken (the caller releases them) and the refusal messages.
+    """
+    import threading
+
+    from pipeline.lease import StoreBusy, WriterLease
+
+    barrier = threading.Barrier(contenders)
+    won: list = []
+    busy: list[str] = []
+
+    def contend() -> None:
+        lease = WriterLease(url, dataset, storage_options=storage_options)
+        barrier.wait()
+        try:
+            won.append(lease.acquire(0))
+        except StoreBusy as err:
+            busy.append(str(err))
+
+    threads = [threading.Thread(target=contend) for _ in range(contenders)]
+    for t in threads:
+        t.start()
+    for t in threads:
+        t.join()
+    return won, busy

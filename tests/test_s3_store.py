@@ -96,28 +96,10 @@ def test_cli_takes_storage_options(s3, tmp_path):
 
 def test_the_writer_lease_is_exclusive_on_s3(s3):
     """Eight writers released together: S3's conditional create lets exactly one in."""
-    import threading
+    from tests.conftest import race_for_lease
 
-    from pipeline.lease import StoreBusy, WriterLease
-
-    url = "s3://xrai/lease.zarr"
     for _ in range(5):
-        barrier = threading.Barrier(8)
-        won, busy = [], []
-
-        def contend(won=won, busy=busy, barrier=barrier):
-            lease = WriterLease(url, "ds", storage_options=s3)
-            barrier.wait()
-            try:
-                won.append(lease.acquire(0))
-            except StoreBusy as err:
-                busy.append(str(err))
-
-        threads = [threading.Thread(target=contend) for _ in range(8)]
-        for t in threads:
-            t.start()
-        for t in threads:
-            t.join()
+        won, busy = race_for_lease("s3://xrai/lease.zarr", "ds", storage_options=s3)
         assert len(won) == 1
         assert len(busy) == 7
         assert "is being written by pid" in busy[0]

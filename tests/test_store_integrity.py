@@ -34,6 +34,7 @@ from pipeline.sources.phantom import write_phantom
 from pipeline.stats_runner import run_stats
 from pipeline.store import CaseDamaged, DatasetStore, Grid, store_key
 from pipeline.verify import verify_dataset
+from tests.conftest import race_for_lease
 
 GRID = Grid(spacing=(1.5, 1.5, 1.5), shape=(48, 48, 32))
 N_CASES = 4
@@ -72,22 +73,7 @@ class TestLease:
     def test_one_writer_wins_each_round_when_released_together(self, tmp_path):
         url = str(tmp_path / "s.zarr")
         for _ in range(30):
-            barrier = threading.Barrier(8)
-            won, busy = [], []
-
-            def contend(won=won, busy=busy, barrier=barrier):
-                lease = WriterLease(url, "d")
-                barrier.wait()
-                try:
-                    won.append(lease.acquire(0))
-                except StoreBusy as err:
-                    busy.append(str(err))
-
-            threads = [threading.Thread(target=contend) for _ in range(8)]
-            for t in threads:
-                t.start()
-            for t in threads:
-                t.join()
+            won, busy = race_for_lease(url, "d")
             assert len(won) == 1
             assert len(busy) == 7
             assert f"pid {os.getpid()} on host {socket.gethostname()!r}" in busy[0]
@@ -194,7 +180,7 @@ def ingested(source, tmp_path) -> tuple[str, DatasetStore]:
 def _chunk(url: str, store: DatasetStore, cid: str, array: str, channel: int | None = None) -> Path:
     slot = store.committed()[cid].slot
     parts = [slot] if channel is None else [slot, channel]
-    ndim = store.group[array].ndim
+    ndim = store._group[array].ndim  # the test damages the store by hand
     parts += [0] * (ndim - len(parts))
     return Path(url) / "d" / array / "c" / "/".join(map(str, parts))
 
@@ -237,7 +223,7 @@ class TestDamage:
     def test_a_flipped_byte_fails_the_checksum(self, ingested, clean):
         url, store = ingested
         cid = sorted(clean)[0]
-        arr = DatasetStore.open(url, "d", writable=True).group["brain"]
+        arr = DatasetStore.open(url, "d", writable=True)._group["brain"]  # deliberate damage
         slot = store.committed()[cid].slot
         values = arr[slot]
         values.flat[0] = ~values.flat[0]

@@ -35,7 +35,6 @@ import csv
 import hashlib
 import io
 import itertools
-import os
 import re
 import stat
 import zipfile
@@ -44,6 +43,7 @@ from pathlib import Path, PurePosixPath
 from typing import BinaryIO
 
 from pipeline.download.errors import ChecksumError, DownloadError, UnsafeArchiveError
+from pipeline.limits import env_limit
 
 __all__ = ["MAX_COMPRESSION_RATIO", "MAX_MEMBER_BYTES", "MAX_TOTAL_BYTES", "RATIO_MIN_BYTES",
            "ExtractedFile", "ZipLimits", "check_archive_sizes", "check_member_name",
@@ -94,20 +94,6 @@ def check_member_name(name: str, *, what: str) -> str:
     return parts[-1] if parts else ""
 
 
-def _env_limit(name: str, default: int) -> int:
-    """The positive integer in environment variable `name`, else `default`."""
-    text = os.environ.get(name, "").strip()
-    if not text:
-        return default
-    try:
-        value = int(text)
-    except ValueError:
-        value = 0
-    if value < 1:
-        raise ValueError(f"environment variable {name}={text!r} is not a positive integer")
-    return value
-
-
 @dataclass(frozen=True)
 class ZipLimits:
     """The size limits in force (module constants, or their environment overrides)."""
@@ -119,9 +105,9 @@ class ZipLimits:
     @classmethod
     def from_env(cls) -> ZipLimits:
         """`MAX_MEMBER_BYTES`, `MAX_TOTAL_BYTES`, `MAX_COMPRESSION_RATIO` or overrides."""
-        return cls(_env_limit("XRAI_ZIP_MAX_MEMBER_BYTES", MAX_MEMBER_BYTES),
-                   _env_limit("XRAI_ZIP_MAX_TOTAL_BYTES", MAX_TOTAL_BYTES),
-                   _env_limit("XRAI_ZIP_MAX_RATIO", MAX_COMPRESSION_RATIO))
+        return cls(env_limit("XRAI_ZIP_MAX_MEMBER_BYTES", MAX_MEMBER_BYTES),
+                   env_limit("XRAI_ZIP_MAX_TOTAL_BYTES", MAX_TOTAL_BYTES),
+                   env_limit("XRAI_ZIP_MAX_RATIO", MAX_COMPRESSION_RATIO))
 
 
 def check_archive_sizes(zf: zipfile.ZipFile, *, what: str,

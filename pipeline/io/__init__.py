@@ -15,7 +15,7 @@ standardizer's job, after `label_values` has shown what the file holds).
 
 Every failure is a `~pipeline.errors.VolumeError` naming the file and the offending
 value, which the ingest records as the case's quarantine reason. That includes a volume
-whose header declares more voxels or bytes than `pipeline.io.limits` allows
+whose header declares more voxels or bytes than `pipeline.limits` allows
 (``XRAI_MAX_VOXELS``, ``XRAI_MAX_VOLUME_BYTES``), refused before any voxel is decoded.
 """
 

@@ -8,7 +8,7 @@ duplicated slice is reported instead of silently stretching the grid.
 
 Before any pixel is decoded, the size the headers declare (Columns × Rows × frames, the
 frames of every file of the series summed) is checked against the limits of
-`pipeline.io.limits` (``XRAI_MAX_VOXELS``, ``XRAI_MAX_VOLUME_BYTES``), and a file in the
+`pipeline.limits` (``XRAI_MAX_VOXELS``, ``XRAI_MAX_VOLUME_BYTES``), and a file in the
 Deflated Explicit VR Little Endian transfer syntax, which pydicom inflates whole in
 memory, is first inflated in chunks to check it stays within those limits.
 """
@@ -27,8 +27,8 @@ from pydicom.errors import InvalidDicomError
 from pydicom.uid import DeflatedExplicitVRLittleEndian
 
 from pipeline.errors import VolumeError
-from pipeline.io.limits import check_declared_size, max_header_bytes, max_volume_bytes
 from pipeline.io.nifti import check_label_array
+from pipeline.limits import check_declared_size, max_header_bytes, max_volume_bytes
 
 #: Relative tolerance on the gaps between consecutive slice positions (1 %); a larger
 #: spread means a missing slice or a mixed series.
@@ -89,8 +89,8 @@ def check_deflated_size(path: Path) -> None:
 
     pydicom inflates a Deflated Explicit VR Little Endian dataset (PS3.5 A.5) whole, in
     memory, before parsing a single tag. This inflates it first in 1 MiB pieces, keeping
-    none, and stops as soon as the count passes `~pipeline.io.limits.max_volume_bytes`
-    + `~pipeline.io.limits.max_header_bytes`. Other transfer syntaxes return at once
+    none, and stops as soon as the count passes `~pipeline.limits.max_volume_bytes`
+    + `~pipeline.limits.max_header_bytes`. Other transfer syntaxes return at once
     (only the file meta information is read).
 
     Raises
@@ -151,7 +151,7 @@ def declared_size(
     VolumeError
         A size tag that is not a non-negative integer (naming the file), or a declared
         shape (largest Columns, largest Rows, all frames summed, samples) over
-        `~pipeline.io.limits.max_voxels` or `~pipeline.io.limits.max_volume_bytes`.
+        `~pipeline.limits.max_voxels` or `~pipeline.limits.max_volume_bytes`.
 
     Notes
     -----
@@ -362,7 +362,7 @@ def read_dicom_series(paths: Sequence[Path]) -> sitk.Image:
     ------
     VolumeError
         Unreadable file (named), inconsistent or incomplete slice stack (see
-        `order_slices`), a declared size over the limits of `pipeline.io.limits` (see
+        `order_slices`), a declared size over the limits of `pipeline.limits` (see
         `declared_size`), pixel data SimpleITK cannot decode, fewer than 2 slices.
     """
     return _read_series(paths, sitk.sitkFloat32)

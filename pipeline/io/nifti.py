@@ -8,7 +8,7 @@ Declared size first
 -------------------
 Before nibabel parses a file, its header (and the chain of header extensions up to
 ``vox_offset``) is read from the first bytes of the (decompressed) stream and the
-declared shape is checked against the limits of `pipeline.io.limits` (``MAX_VOXELS``,
+declared shape is checked against the limits of `pipeline.limits` (``MAX_VOXELS``,
 ``MAX_VOLUME_BYTES``, ``MAX_HEADER_BYTES``; environment variables ``XRAI_MAX_VOXELS``,
 ``XRAI_MAX_VOLUME_BYTES``, ``XRAI_MAX_HEADER_BYTES``). An uncompressed file shorter than
 its declaration is refused as truncated before any voxel is read. A gzip (or bzip2)
@@ -38,7 +38,7 @@ from nibabel.spatialimages import HeaderDataError
 from numpy.typing import NDArray
 
 from pipeline.errors import VolumeError
-from pipeline.io.limits import check_declared_size, max_header_bytes
+from pipeline.limits import check_declared_size, max_header_bytes
 
 #: RAS+ → LPS+ world-coordinate flip, applied on the left of a nibabel affine.
 RAS_TO_LPS: NDArray[np.float64] = np.diag([-1.0, -1.0, 1.0, 1.0])
@@ -261,8 +261,8 @@ def nifti_layout(path: Path) -> NiftiLayout:
     ------
     VolumeError
         Missing file; not a single-file NIfTI-1/NIfTI-2 header; a declared shape over
-        `~pipeline.io.limits.max_voxels` or `~pipeline.io.limits.max_volume_bytes`; a
-        ``vox_offset`` inside the header or over `~pipeline.io.limits.max_header_bytes`;
+        `~pipeline.limits.max_voxels` or `~pipeline.limits.max_volume_bytes`; a
+        ``vox_offset`` inside the header or over `~pipeline.limits.max_header_bytes`;
         a header extension that runs past ``vox_offset``.
 
     Notes
@@ -432,7 +432,7 @@ def read_nifti_image(path: Path) -> sitk.Image:
     ------
     VolumeError
         Missing, truncated or corrupt file; a declared size over the limits of
-        `pipeline.io.limits` (checked by `nifti_layout` before any voxel is read); not 3D
+        `pipeline.limits` (checked by `nifti_layout` before any voxel is read); not 3D
         (a 4D volume whose extra dimensions are all 1 is squeezed); sheared affine.
     """
     path = Path(path)

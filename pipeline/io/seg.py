@@ -202,7 +202,7 @@ def read_seg_label(
     VolumeError
         Not a readable SEG; no segment matches ``segments``; the referenced series is not
         found; Rows/Columns differ from it; Rows × Columns × NumberOfFrames over the
-        limits of `pipeline.io.limits` (checked before the frames are decoded); a frame
+        limits of `pipeline.limits` (checked before the frames are decoded); a frame
         does not lie on the referenced grid.
     """
     path = Path(path)

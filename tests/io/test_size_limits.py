@@ -22,8 +22,8 @@ from pydicom.uid import DeflatedExplicitVRLittleEndian
 from pipeline.errors import VolumeError
 from pipeline.io import read_image, read_label
 from pipeline.io.dicom import read_header
-from pipeline.io.limits import MAX_VOXELS, check_declared_size
 from pipeline.io.nifti import nifti_layout
+from pipeline.limits import MAX_VOXELS, check_declared_size
 from pipeline.sources.base import VolumeRef
 from tests.io import write_mr_series, write_seg
 

@@ -52,8 +52,14 @@ MAX_VOLUME_BYTES = 2**31
 MAX_HEADER_BYTES = 2**24
 
 
-def _env_limit(name: str, default: int) -> int:
-    """The positive integer in environment variable ``name``, else ``default``."""
+def env_limit(name: str, default: int) -> int:
+    """The positive integer in environment variable ``name``, else ``default``.
+
+    Raises
+    ------
+    ValueError
+        The variable is set to something else than a positive integer (named).
+    """
     text = os.environ.get(name, "").strip()
     if not text:
         return default
@@ -68,17 +74,17 @@ def _env_limit(name: str, default: int) -> int:
 
 def max_voxels() -> int:
     """`MAX_VOXELS`, or ``XRAI_MAX_VOXELS`` when set."""
-    return _env_limit("XRAI_MAX_VOXELS", MAX_VOXELS)
+    return env_limit("XRAI_MAX_VOXELS", MAX_VOXELS)
 
 
 def max_volume_bytes() -> int:
     """`MAX_VOLUME_BYTES`, or ``XRAI_MAX_VOLUME_BYTES`` when set."""
-    return _env_limit("XRAI_MAX_VOLUME_BYTES", MAX_VOLUME_BYTES)
+    return env_limit("XRAI_MAX_VOLUME_BYTES", MAX_VOLUME_BYTES)
 
 
 def max_header_bytes() -> int:
     """`MAX_HEADER_BYTES`, or ``XRAI_MAX_HEADER_BYTES`` when set."""
-    return _env_limit("XRAI_MAX_HEADER_BYTES", MAX_HEADER_BYTES)
+    return env_limit("XRAI_MAX_HEADER_BYTES", MAX_HEADER_BYTES)
 
 
 def check_declared_size(
