@@ -22,6 +22,7 @@ import nibabel as nib
 import numpy as np
 import SimpleITK as sitk
 
+from pipeline.fsio import write_text_atomic
 from pipeline.ingest import ingest_cases
 from pipeline.sources.local import discover
 from pipeline.sources.phantom import write_phantom
@@ -58,7 +59,7 @@ def main() -> None:
     if not (src / ".complete").exists():
         print(f"writing {args.cases} phantom cases of 240x240x155 to {src} (cached) ...")
         write_phantom(src, cases=args.cases, seed=7, shape=(240, 240, 155))
-        (src / ".complete").write_text("ok")
+        write_text_atomic(src / ".complete", "ok")
     cases = discover(src, layout="brats")[: args.cases]
     floors, ours = [], []
     with tempfile.TemporaryDirectory(dir=args.workdir) as tmp:

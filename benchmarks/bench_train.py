@@ -83,7 +83,7 @@ def main(argv: list[str] | None = None) -> None:
     dmap = signed_distance_map(y).to(device)
     manifest_spec = DEFAULT_MANIFEST_SPEC
     if args.manifest:
-        from stats.manifest import load_manifest
+        from pipeline.manifest_io import load_manifest
 
         manifest_spec = load_manifest(args.manifest).loss_spec()
     names = args.losses.split(",") if args.losses else sorted(LOSSES)

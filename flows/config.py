@@ -11,6 +11,7 @@ One YAML file per installation (example: ``flows/xrai-deployments.example.yaml``
         grid: {spacing: [1, 1, 1], shape: [48, 48, 32]}   # default: the phantom's, else BraTS
         dask: {address: null, workers: 2}   # null: a local cluster; else tcp://host:8786
         train: null                         # or {losses: [manifest, dice], folds: 2, ...}
+                                            # (the options of `xrai train`)
         schedule: {interval_seconds: 3600}  # or {cron: "0 3 * * *", timezone: UTC}
 
 Sources (``kind``): ``phantom`` (the embedded synthetic dataset, written once into
@@ -33,6 +34,7 @@ from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_valida
 
 from pipeline.errors import XraiError
 from pipeline.store import Grid
+from pipeline.train.options import TrainOptions as PipelineTrainOptions
 
 CONFIG_SCHEMA_VERSION = 1
 #: Phantom field of view the flows use by default (the `make demo` grid).
@@ -158,24 +160,15 @@ class DownloadSource(_Frozen):
 Source = Annotated[PhantomSource | LocalSource | DownloadSource, Field(discriminator="kind")]
 
 
-class TrainOptions(_Frozen):
-    """The k-fold benchmark (`pipeline.train.benchmark.run_benchmark`)."""
+class TrainOptions(PipelineTrainOptions):
+    """The k-fold benchmark: every option of ``xrai train`` (`pipeline.train.options`),
+    which `pipeline.train.options.run_training` turns into the trainer's configuration.
 
-    losses: list[str] = Field(default_factory=lambda: ["manifest", "bce", "dice", "focal"],
-                              min_length=1)
-    folds: int = Field(default=3, ge=2)
-    epochs: int = Field(default=10, ge=1)
-    dim: Literal["2d", "3d"] = "2d"
-    patch_size: tuple[int, int, int] | None = None
-    batch_size: int = Field(default=8, ge=1)
-    batches_per_epoch: int = Field(default=25, ge=1)
-    val_every: int = Field(default=5, ge=1)
-    features: int = Field(default=16, ge=1)
-    levels: int = Field(default=3, ge=3)  # MONAI DynUNet needs 3 or more
+    The flow adds only its default for ``workers``: 0, data loading in the task's own
+    process (a Prefect or Dask worker does not fork loader processes by default).
+    """
+
     workers: int = Field(default=0, ge=0)
-    device: str = "auto"
-    seed: int = Field(default=0, ge=0)
-    resume: bool = True
 
 
 class ScheduleConfig(_Frozen):

@@ -27,11 +27,13 @@ import urllib.error
 import urllib.request
 from pathlib import Path
 
+from pipeline.errors import XraiError
+
 ARTIFACT_KINDS = ("dataset-summary", "quarantine", "statistics", "transforms", "loss-config")
 STAGES = ("ingest", "stats", "manifest")
 
 
-class CheckFailed(Exception):
+class CheckFailed(XraiError):
     """One end-to-end check did not pass."""
 
 

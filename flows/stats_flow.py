@@ -1,10 +1,13 @@
-"""The ``stats`` flow: per-case partial statistics as Dask tasks, then one merge.
+"""The ``stats`` flow: the statistics stage of `pipeline.stats_runner` as Prefect tasks.
 
-Each committed case is one `flows.tasks.case_stats` task, which reuses the partials
-persisted in the store when they carry the case's content hash and the engine
-fingerprint and computes them otherwise (`pipeline.stats_runner.compute_case`); the
-parent then merges the persisted partials (`pipeline.stats_runner.run_stats` with
-nothing left to compute) and writes the statistics JSON. Publishes the statistics table.
+The same stage as ``xrai stats``: `flows.tasks.stats_plan` plans it
+(`pipeline.stats_runner.plan_stats`: the engine configuration, the persisted partials
+still current for each case's content hash and the engine fingerprint, one `StatsJob`
+per case to compute); each job is one `flows.tasks.case_stats` task on the Dask task
+runner (`StatsJob.run`: compute and persist the case's partials); `flows.tasks.merge_stats`
+merges the reused and the computed partials (`pipeline.stats_runner.merge_stats`) and
+writes the statistics JSON. The flow adds the tasks, their retries and the statistics
+table it publishes.
 
 From the plan to the statistics JSON the flow holds the dataset's write slot
 (`flows.concurrency.dataset_write_slot`) and the store's writer lease
@@ -14,7 +17,8 @@ persists are writes to the dataset, and the plan must not change under it.
 
 from __future__ import annotations
 
-from prefect import flow, get_run_logger, unmapped
+from prefect import flow, get_run_logger
+from prefect.utilities.annotations import quote
 from pydantic import BaseModel, ConfigDict
 
 from flows.artifacts import publish_markdown, statistics_markdown
@@ -23,6 +27,7 @@ from flows.config import DaskOptions
 from flows.ingest_flow import LEASE_WAIT
 from flows.tasks import case_stats, merge_stats, stats_plan, task_runner
 from pipeline.lease import writer_lease
+from stats.dataset import CasePartials
 
 
 class StatsResult(BaseModel):
@@ -59,23 +64,19 @@ def stats_flow(store: str, dataset: str, out_path: str, dask: DaskOptions = Dask
     logger = get_run_logger()
     with dataset_write_slot(store, dataset), \
             writer_lease(store, dataset, wait=LEASE_WAIT):
-        config, hashes = stats_plan(store, dataset)
-        ids = list(hashes)
-        status: list[str] = []
-        if ids:
+        plan = stats_plan(store, dataset, recompute)
+        computed: list[CasePartials] = []
+        if plan.jobs:
             with task_runner(dask) as runner:
-                futures = runner.map(case_stats, {
-                    "store_url": unmapped(store), "dataset": unmapped(dataset), "case_id": ids,
-                    "content_hash": [hashes[i] for i in ids], "config": unmapped(config),
-                    "recompute": unmapped(recompute)})
-                status = [f.result() for f in futures]
-        computed = [i for i, s in zip(ids, status, strict=True) if s == "computed"]
-        reused = [i for i, s in zip(ids, status, strict=True) if s == "reused"]
-        logger.info("statistics of %s: %d cases computed, %d reused", dataset, len(computed),
-                    len(reused))
-        stats = merge_stats(store, dataset, out_path)
+                futures = runner.map(case_stats, {"job": list(plan.jobs)})
+                computed = [f.result() for f in futures]
+        logger.info("statistics of %s: %d cases computed, %d reused", dataset,
+                    len(plan.jobs), len(plan.reused))
+        # quote: the partials go to the task as they are, without Prefect walking them
+        stats = merge_stats(quote(plan), quote(computed), out_path)
+    computed_ids, reused_ids = plan.computed_ids, plan.reused_ids
     publish_markdown("statistics", dataset,
-                     statistics_markdown(stats, computed=computed, reused=reused),
+                     statistics_markdown(stats, computed=computed_ids, reused=reused_ids),
                      f"Statistics of {dataset}: intensity moments and label distributions")
     return StatsResult(path=out_path, dataset=dataset, content_hash=stats.content_hash,
-                       computed=computed, reused=reused)
+                       computed=computed_ids, reused=reused_ids)

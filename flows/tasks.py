@@ -27,10 +27,12 @@ from prefect.tasks import exponential_backoff
 from flows.config import DaskOptions, DownloadSource, TrainOptions
 from pipeline.errors import XraiError
 from pipeline.ingest import CaseJob, CaseOutcome
+from pipeline.manifest_io import load_manifest, write_manifest
 from pipeline.sources.base import CaseSource
+from pipeline.stats_runner import StatsJob, StatsPlan
 from pipeline.store import DatasetStore
-from stats.dataset import EngineConfig
-from stats.manifest import Manifest, build_manifest, load_manifest, write_manifest
+from stats.dataset import CasePartials
+from stats.manifest import Manifest, build_manifest
 from stats.summary import DatasetStats
 
 #: Retries of tasks that read or write the store (local disk or object storage).
@@ -86,16 +88,19 @@ def task_runner(options: DaskOptions) -> Any:
     """The Dask task runner for per-case work: `options.address`, else a local cluster.
 
     The local cluster has `options.workers` single-threaded workers (processes unless
-    ``processes=False``) and its dashboard on a free loopback port.
+    ``processes=False``) and its dashboard on a free loopback port. Distributed's INFO
+    messages (cluster start and stop) are silenced, its warnings and errors kept
+    (`flows.dask_runner.FlowDaskTaskRunner`; ``silence_logs`` for the workers), and
+    local worker processes report to the flow's Prefect server.
     """
-    from prefect_dask import DaskTaskRunner
+    from flows.dask_runner import FlowDaskTaskRunner
 
     if options.address:
-        return DaskTaskRunner(address=options.address)
-    return DaskTaskRunner(cluster_kwargs={
+        return FlowDaskTaskRunner(address=options.address)
+    return FlowDaskTaskRunner(cluster_kwargs={
         "n_workers": options.workers, "threads_per_worker": 1,
         "processes": options.processes, "dashboard_address": "127.0.0.1:0",
-        "silence_logs": logging.ERROR})
+        "silence_logs": logging.WARNING})
 
 
 # ------------------------------------------------------------------ sources
@@ -144,39 +149,29 @@ def quarantine_failed(store_url: str, dataset: str, case_id: str, reason: str) -
 
 # ------------------------------------------------------------------ statistics
 @task(**_STORAGE)
-def stats_plan(store_url: str, dataset: str) -> tuple[EngineConfig, dict[str, str]]:
-    """The engine configuration and committed case id -> content hash."""
-    from pipeline.stats_runner import engine_config
+def stats_plan(store_url: str, dataset: str, recompute: bool = False) -> StatsPlan:
+    """`pipeline.stats_runner.plan_stats`: the engine configuration, the current persisted
+    partials to reuse, and a `StatsJob` per case to compute."""
+    from pipeline.stats_runner import plan_stats
 
-    store = DatasetStore.open(store_url, dataset)
-    return engine_config(store), {cid: r.content_hash for cid, r in store.committed().items()}
+    return plan_stats(DatasetStore.open(store_url, dataset), recompute=recompute)
 
 
-@task(task_run_name="stats-{case_id}", **_STORAGE)
-def case_stats(store_url: str, dataset: str, case_id: str, content_hash: str,
-               config: EngineConfig, recompute: bool = False) -> str:
-    """Persist one case's partial statistics unless the stored ones are current.
-
-    Returns ``"reused"`` (persisted partials with this content hash and engine
-    fingerprint exist) or ``"computed"`` (`pipeline.stats_runner.compute_case`).
-    """
-    from pipeline.stats_runner import compute_case, persisted_is_current
-
-    if not recompute and persisted_is_current(DatasetStore.open(store_url, dataset), case_id,
-                                              content_hash, config.fingerprint()):
-        return "reused"
-    compute_case(store_url, dataset, case_id, content_hash, config)
-    return "computed"
+@task(task_run_name="stats-{job.case_id}", **_STORAGE)
+def case_stats(job: StatsJob) -> CasePartials:
+    """`pipeline.stats_runner.StatsJob.run`: compute and persist one case's partials."""
+    return job.run()
 
 
 @task(**_STORAGE)
-def merge_stats(store_url: str, dataset: str, out_path: str) -> DatasetStats:
-    """Merge the persisted partials (`run_stats`, nothing left to compute) and write them."""
-    from pipeline.stats_runner import run_stats, write_stats
+def merge_stats(plan: StatsPlan, computed: list[CasePartials], out_path: str) -> DatasetStats:
+    """`pipeline.stats_runner.merge_stats` of the plan and its jobs' results; writes the
+    statistics JSON (`write_stats`) and returns the statistics."""
+    from pipeline import stats_runner
 
-    # The flow holds the dataset's writer lease around the plan, the cases and the merge.
-    stats = run_stats(store_url, dataset, scheduler="synchronous", lease=False)
-    write_stats(stats, out_path)
+    stats = stats_runner.merge_stats(DatasetStore.open(plan.store_url, plan.dataset), plan,
+                                     computed)
+    stats_runner.write_stats(stats, out_path)
     return stats
 
 
@@ -195,7 +190,7 @@ def make_manifest(stats: DatasetStats, seed: int) -> Manifest:
 
 @task(**_STORAGE)
 def save_manifest(manifest: Manifest, path: str) -> str:
-    """`stats.manifest.write_manifest` (atomic); returns the path."""
+    """`pipeline.manifest_io.write_manifest` (atomic); returns the path."""
     return str(write_manifest(manifest, path))
 
 
@@ -203,28 +198,20 @@ def save_manifest(manifest: Manifest, path: str) -> str:
 @task(**_STORAGE)
 def benchmark(manifest_path: str, store_url: str, dataset: str, out_dir: str,
               options: TrainOptions) -> tuple[str, list[dict[str, Any]], dict[str, str]]:
-    """`pipeline.train.benchmark.run_benchmark` under the manifest's normalization.
+    """`pipeline.train.options.run_training` under the manifest's normalization: the
+    same translation of the options as ``xrai train``'s.
 
     Returns (summary markdown, summary rows, failures). With ``resume`` (the default)
     a retry continues from the checkpoints already written.
     """
-    from pipeline.train.benchmark import load_training_manifest, run_benchmark
-    from pipeline.train.data import SamplingConfig
-    from pipeline.train.loop import TrainConfig
+    from pipeline.train.benchmark import load_training_manifest
+    from pipeline.train.options import run_training
 
     store = DatasetStore.open(store_url, dataset)
-    _, spec, plan = load_training_manifest(manifest_path, store.channels)
-    if options.dim == "3d":
-        sampling = SamplingConfig(dim="3d", patch_size=tuple(options.patch_size or (64, 64, 64)))
-    else:
-        sampling = SamplingConfig(dim="2d")
-    cfg = TrainConfig(sampling=sampling, epochs=options.epochs, batch_size=options.batch_size,
-                      batches_per_epoch=options.batches_per_epoch, val_every=options.val_every,
-                      features=options.features, levels=options.levels,
-                      workers=options.workers, device=options.device, seed=options.seed)
-    result = run_benchmark(store_url, dataset, list(options.losses), plan=plan, cfg=cfg,
-                           folds=options.folds, out_dir=Path(out_dir), manifest_spec=spec,
-                           manifest_path=manifest_path, resume=options.resume)
+    checked = load_training_manifest(manifest_path, store.channels)
+    result = run_training(options, store_url=store_url, dataset=dataset, out_dir=out_dir,
+                          plan=checked.plan, manifest_spec=checked.loss_spec,
+                          manifest_path=manifest_path)
     return result.markdown(), result.summary, dict(result.failures)
 
 

@@ -7,13 +7,14 @@ import os
 import sys
 import time
 from pathlib import Path
-from typing import Annotated
+from typing import Annotated, Literal
 
 import typer
 from rich.console import Console
 from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn
 from rich.table import Table
 
+from pipeline.cli_checks import check_dataset_name, check_device, check_store, people
 from pipeline.errors import XraiError
 from pipeline.store import DatasetStore, Grid
 
@@ -40,24 +41,44 @@ def _main(verbose: Annotated[bool, typer.Option("--verbose", "-v", help="Log mor
                         format="%(levelname)s %(name)s: %(message)s")
 
 
+def _phantom_shape(value: tuple[int, int, int] | None) -> tuple[int, int, int] | None:
+    """``phantom --shape``: at least the phantom's smallest head (`MIN_SHAPE`)."""
+    from pipeline.sources.phantom import MIN_SHAPE
+
+    if value is not None and any(v < m for v, m in zip(value, MIN_SHAPE, strict=True)):
+        raise typer.BadParameter(f"the phantom needs at least {people(MIN_SHAPE)} voxels at "
+                                 f"1 mm, got {people(value)}")
+    return value
+
+
 @app.command()
 def phantom(
-    out_dir: Annotated[Path, typer.Argument(help="Folder to write the BraTS-layout dataset into.")],
+    out_dir: Annotated[Path, typer.Argument(
+        file_okay=False, help="Folder to write the BraTS-layout dataset into.")],
     cases: Annotated[int, typer.Option(min=1, help="Number of cases.")] = 8,
     seed: Annotated[int, typer.Option(help="Random seed; equal seeds give identical files.")] = 0,
     shape: Annotated[tuple[int, int, int] | None, typer.Option(
-        help="Voxels (X Y Z) at 1 mm; default keeps the demo quick.")] = None,
+        help="Voxels (X Y Z) at 1 mm, each at least 40 40 32; default keeps the demo "
+             "quick.", callback=_phantom_shape)] = None,
 ) -> None:
     """Write the embedded phantom dataset (BraTS 2023 layout)."""
     from pipeline.sources.phantom import write_phantom
 
     kwargs = {} if shape is None else {"shape": tuple(shape)}
-    folders = write_phantom(out_dir, cases=cases, seed=seed, **kwargs)
+    try:
+        folders = write_phantom(out_dir, cases=cases, seed=seed, **kwargs)
+    except (XraiError, OSError, ValueError) as err:
+        _fail(str(err))
     console.print(f"wrote {len(folders)} phantom cases to {out_dir}")
 
 
+StoreArg = Annotated[str, typer.Option(help="Zarr store path or fsspec URL.",
+                                       callback=check_store)]
+DatasetArg = Annotated[str, typer.Option(help="Dataset (group) name in the store.",
+                                         callback=check_dataset_name)]
 StorageOptionArg = Annotated[list[str] | None, typer.Option(
-    "--storage-option", help="fsspec option for a remote store, KEY=VALUE (repeatable), e.g. "
+    "--storage-option", metavar="KEY=VALUE",
+    help="fsspec option for a remote store, KEY=VALUE (repeatable), e.g. "
     "endpoint_url=http://127.0.0.1:9000 or anon=true; credentials may also come from the "
     "usual environment variables.")]
 
@@ -145,21 +166,24 @@ def _grid_shape(value: tuple[int, int, int]) -> tuple[int, int, int]:
 
 @app.command()
 def ingest(
-    source_dir: Annotated[Path, typer.Argument(help="Folder in a collection's layout.")],
-    store: Annotated[str, typer.Option(help="Zarr store path or fsspec URL.")],
-    dataset: Annotated[str, typer.Option(help="Dataset (group) name in the store.")],
-    layout: Annotated[str, typer.Option(help="auto, brats, upenn, ucsf or dicom.")] = "auto",
+    source_dir: Annotated[Path, typer.Argument(
+        exists=True, file_okay=False, help="Folder in a collection's layout.")],
+    store: StoreArg,
+    dataset: DatasetArg,
+    layout: Annotated[Literal["auto", "brats", "upenn", "ucsf", "dicom"], typer.Option(
+        help="The collection's layout; auto detects it.")] = "auto",
     spacing: Annotated[tuple[float, float, float], typer.Option(
-        help="Target spacing X Y Z (mm), each in [0.05, 20].",
+        help="Target spacing X Y Z (mm), each in [0.05, 20].", show_default="1 1 1",
         callback=_grid_spacing)] = (1.0, 1.0, 1.0),
     shape: Annotated[tuple[int, int, int], typer.Option(
-        help="Target shape X Y Z (voxels), each in [1, 2048].",
+        help="Target shape X Y Z (voxels), each in [1, 2048].", show_default="240 240 155",
         callback=_grid_shape)] = (240, 240, 155),
     workers: Annotated[int, typer.Option(min=1, help="Worker processes.")] = 1,
     recompute: Annotated[bool, typer.Option(help="Re-ingest unchanged cases too.")] = False,
     use_automated: Annotated[bool, typer.Option(
         help="UPENN-GBM: use automated masks where no manual one exists (flagged).")] = False,
     tumour_segment: Annotated[list[str] | None, typer.Option(
+        metavar="TEXT",
         help="DICOM SEG / ReMIND: segment description(s) that mean tumour (repeatable).")] = None,
     partial_annotation: Annotated[bool, typer.Option(
         help="Only some slices are annotated (LGG-1p19qDeletion): record which.")] = False,
@@ -181,7 +205,7 @@ def ingest(
         report = run_ingest(source_dir, store, dataset, layout=layout, grid=grid,
                             workers=workers, recompute=recompute, discover_options=options,
                             storage_options=parse_storage_options(storage_option), wait=wait)
-    except (XraiError, FileNotFoundError, ValueError) as err:
+    except (XraiError, OSError, ValueError) as err:
         _fail(str(err))
     raise typer.Exit(report.exit_code)
 
@@ -201,7 +225,7 @@ def print_dataset_summary(store: str, dataset: str) -> None:
     import numpy as np
 
     for cid, rec in records.items():
-        label = ds.group["label"][rec.slot]
+        label = ds.read_label(cid, record=rec)
         tumour_ml = float(np.count_nonzero(label)) * grid.voxel_ml
         vol = next(iter(rec.attrs.get("volumes", {}).values()), {})
         table.add_row(cid, vol.get("orientation", "?"),
@@ -273,9 +297,10 @@ def run_stats_cli(store: str, dataset: str, *, out: Path | None, scheduler: str 
 
 @app.command("stats")
 def stats_command(
-    store: Annotated[str, typer.Option(help="Zarr store path or fsspec URL.")],
-    dataset: Annotated[str, typer.Option(help="Dataset (group) name in the store.")],
-    out: Annotated[Path, typer.Option(help="Where to write the statistics JSON.")] = Path("stats.json"),
+    store: StoreArg,
+    dataset: DatasetArg,
+    out: Annotated[Path, typer.Option(
+        dir_okay=False, help="Where to write the statistics JSON.")] = Path("stats.json"),
     scheduler: Annotated[str | None, typer.Option(
         help="Dask scheduler address (tcp://…); default starts a local cluster; "
              "'synchronous' runs in this process.")] = None,
@@ -289,14 +314,14 @@ def stats_command(
     try:
         run_stats_cli(store, dataset, out=out, scheduler=scheduler, recompute=recompute,
                       storage_options=parse_storage_options(storage_option), wait=wait)
-    except XraiError as err:
+    except (XraiError, OSError) as err:
         _fail(str(err))
 
 
 @app.command()
 def verify(
-    store: Annotated[str, typer.Option(help="Zarr store path or fsspec URL.")],
-    dataset: Annotated[str, typer.Option(help="Dataset (group) name in the store.")],
+    store: StoreArg,
+    dataset: DatasetArg,
     storage_option: StorageOptionArg = None,
 ) -> None:
     """Check every committed case: each chunk present, decodable, equal to its checksum.
@@ -317,7 +342,7 @@ def verify(
                 bar.update(task, advance=1, last=f"{case_id}: {'DAMAGED' if problem else 'ok'}")
 
             report = verify_dataset(ds, progress=advance)
-    except XraiError as err:
+    except (XraiError, OSError) as err:
         _fail(str(err))
     console.print(
         f"dataset [bold]{dataset}[/] in {store}: {len(report.intact)} intact, "
@@ -365,8 +390,10 @@ def print_decisions(manifest) -> None:
 @manifest_app.callback()
 def manifest_command(
     ctx: typer.Context,
-    stats: Annotated[Path | None, typer.Option(help="Statistics JSON from `xrai stats`.")] = None,
-    out: Annotated[Path, typer.Option(help="Where to write the manifest.")] = Path("manifest.json"),
+    stats: Annotated[Path | None, typer.Option(
+        exists=True, dir_okay=False, help="Statistics JSON from `xrai stats`.")] = None,
+    out: Annotated[Path, typer.Option(
+        dir_okay=False, help="Where to write the manifest.")] = Path("manifest.json"),
     seed: Annotated[int, typer.Option(help="Seed recorded for the trainer.")] = 0,
 ) -> None:
     """Build the manifest from statistics: `xrai manifest --stats stats.json --out manifest.json`."""
@@ -374,7 +401,7 @@ def manifest_command(
         return
     if stats is None:
         _fail("give --stats STATS.json (or the subcommand `validate FILE`)", code=2)
-    from stats.manifest import manifest_command as build
+    from pipeline.manifest_io import manifest_command as build
 
     try:
         manifest = build(stats, out, seed)
@@ -387,7 +414,7 @@ def manifest_command(
 @manifest_app.command("validate")
 def manifest_validate(file: Annotated[Path, typer.Argument(help="Manifest JSON to check.")]) -> None:
     """Check a manifest; on failure name the field and the offending value."""
-    from stats.manifest import validate_command
+    from pipeline.manifest_io import validate_command
 
     try:
         manifest = validate_command(file)
@@ -399,14 +426,16 @@ def manifest_validate(file: Annotated[Path, typer.Argument(help="Manifest JSON t
 
 @app.command()
 def demo(
-    out: Annotated[Path, typer.Option(help="Working folder for the demo.")] = Path("runs/demo"),
+    out: Annotated[Path, typer.Option(
+        file_okay=False, help="Working folder for the demo.")] = Path("runs/demo"),
     cases: Annotated[int, typer.Option(min=2, help="Phantom cases.")] = 8,
     seed: Annotated[int, typer.Option(help="Phantom seed.")] = 0,
-    workers: Annotated[int, typer.Option(min=1)] = 2,
+    workers: Annotated[int, typer.Option(min=1, help="Ingest worker processes.")] = 2,
     scheduler: Annotated[str | None, typer.Option(
         help="Dask scheduler for the statistics (default: a local cluster).")] = None,
     epochs: Annotated[int, typer.Option(min=0, help="Training epochs per fold; 0 skips training.")] = 4,
-    device: Annotated[str, typer.Option(help="auto, cpu, cuda or cuda:N.")] = "auto",
+    device: Annotated[str, typer.Option(help="auto (CUDA when present, else CPU), cpu, cuda "
+                                              "or cuda:N.", callback=check_device)] = "auto",
 ) -> None:
     """The main job on the embedded phantom: write, ingest, measure, decide, train."""
     from pipeline.sources.phantom import write_phantom
@@ -427,7 +456,7 @@ def demo(
     console.rule("[bold]4. statistics (Dask)")
     run_stats_cli(store, "phantom", out=out / "stats.json", scheduler=scheduler, recompute=False)
     console.rule("[bold]5. manifest: transforms and the loss, decided from the data")
-    from stats.manifest import manifest_command as build
+    from pipeline.manifest_io import manifest_command as build
 
     manifest = build(out / "stats.json", out / "manifest.json", seed)
     console.print(f"manifest written to {out / 'manifest.json'}")
@@ -440,13 +469,25 @@ def demo(
            val_every=epochs, workers=1, device=device, seed=seed)
 
 
+def _evidence_scale(value: str) -> str:
+    from pipeline.evidence.study import SCALES, get_scale
+
+    try:
+        get_scale(value)
+    except ValueError as err:
+        raise typer.BadParameter(f"unknown scale {value!r}; known: "
+                                 f"{', '.join(sorted(SCALES))}") from err
+    return value
+
+
 @app.command()
 def evidence(
-    out: Annotated[Path, typer.Option(help="Working folder (data, stores, runs); a re-run "
-                                            "resumes there.")] = Path("runs/evidence"),
+    out: Annotated[Path, typer.Option(
+        file_okay=False, help="Working folder (data, stores, runs); a re-run resumes "
+                              "there.")] = Path("runs/evidence"),
     scale: Annotated[str, typer.Option(help="smoke (a minute, machinery only), default "
                                             "(2D on the CPU, within an hour) or full (3D, "
-                                            "GPU).")] = "default",
+                                            "GPU).", callback=_evidence_scale)] = "default",
     report: Annotated[Path, typer.Option(help="Markdown report to write; its plots go "
                                               "to a folder of the same name.")]
     = Path("docs/evidence.md"),

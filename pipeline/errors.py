@@ -8,14 +8,11 @@ from __future__ import annotations
 
 from pathlib import Path
 
-# The manifest schema lives in stats/ (no pipeline imports there); its error is ours too.
-from stats.manifest import ManifestError
+# The root lives in stats/ (the bottom layer) so that stats/ raises project errors too;
+# stats.errors imports nothing, so this pulls in neither pydantic nor the manifest schema.
+from stats.errors import ManifestError, XraiError
 
 __all__ = ["CaseRejected", "ManifestError", "StoreError", "StoreFull", "VolumeError", "XraiError"]
-
-
-class XraiError(Exception):
-    """Root of the pipeline's own error conditions."""
 
 
 class VolumeError(XraiError):

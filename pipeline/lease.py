@@ -44,6 +44,7 @@ from datetime import datetime, timezone
 from typing import Any
 
 from pipeline.errors import StoreError
+from pipeline.fsio import write_bytes_atomic
 
 log = logging.getLogger(__name__)
 
@@ -214,10 +215,7 @@ class WriterLease:
         data = self._document()
         if self._local:
             # Local: write beside it and rename, so a reader never sees half a lease.
-            tmp = f"{self.path}.{self.token}.partial"
-            with open(tmp, "wb") as f:
-                f.write(data)
-            os.replace(tmp, self.path)
+            write_bytes_atomic(self.path, data)
         else:
             self.fs.pipe_file(self.path, data)  # one PUT: atomic on object storage
 

@@ -15,6 +15,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
+from pipeline.fsio import open_atomic
 from stats.paired import PairedComparison
 
 __all__ = ["ForestRow", "forest_plot"]
@@ -165,7 +166,15 @@ def forest_plot(rows: Sequence[ForestRow | tuple[str, PairedComparison]], path: 
         for x, text, ha in ((0.0, favours[0], "left"), (1.0, favours[1], "right")):
             ax.annotate(text, (x, 0), xycoords="axes fraction", xytext=(0, -38),
                         textcoords="offset points", ha=ha, va="top", fontsize=8, color="0.35")
-    out = Path(path)
-    fig.savefig(out, dpi=dpi)
+    out = save_figure(fig, path, dpi=dpi)
     plt.close(fig)
+    return out
+
+
+def save_figure(fig: Any, path: str | Path, *, dpi: int) -> Path:
+    """Save a matplotlib figure atomically (`pipeline.fsio.open_atomic`), in the format
+    its suffix names (``.png``, ``.pdf``, ``.svg``); return the path."""
+    out = Path(path)
+    with open_atomic(out, "wb") as fh:
+        fig.savefig(fh, format=out.suffix.lstrip(".") or None, dpi=dpi)
     return out

@@ -1,16 +1,29 @@
-"""Dataset statistics over the store: per-case partials as Dask tasks, persisted, merged.
+"""Dataset statistics over the store: plan, per-case partials, merge.
 
-Each case is one Dask task that reads the case's chunks once (`DatasetStore.read_case`),
-computes its `stats.dataset.CasePartials`, and persists them in the store under
-``_xrai/stats/<case_id>`` (a small compressed array whose attributes hold the case's
-content hash and the engine fingerprint). A later run reuses every persisted partial
-whose content hash and engine fingerprint still match, so adding or changing a case
-reads that case only; ``recompute=True`` ignores what is stored.
+The stage has three plain functions, which ``xrai stats`` (`run_stats`) and the Prefect
+``stats`` flow (`flows.stats_flow`) both call:
 
-Schedulers: ``None`` starts a local Dask cluster (processes, one thread each: the
-kernel is single-threaded numpy and BLAS threads only contend); ``"synchronous"`` or
-``"threads"`` use Dask's local schedulers (tests, debugging); anything else is the
-address of an existing Dask scheduler (``tcp://host:8786``).
+1. `plan_stats` fixes the engine configuration from the store's attributes and case
+   records (`engine_config`), refuses a dataset whose committed cases have lost a chunk,
+   and splits the committed cases into partials to reuse and one `StatsJob` per case
+   to compute.
+2. `StatsJob.run` (in any process: a Dask worker, a Prefect task) reads the case's
+   chunks once (`DatasetStore.read_case`), computes its `stats.dataset.CasePartials`
+   and persists them in the store (`DatasetStore.write_partials`, under
+   ``_xrai/stats/<case key>``, with the case's content hash and the engine fingerprint).
+3. `merge_stats` merges the reused and the computed partials into `DatasetStats`, with
+   the plan's configuration and records: nothing is recomputed or read again.
+
+A later run reuses every persisted partial whose content hash and engine fingerprint
+still match, so adding or changing a case reads that case only; ``recompute=True``
+ignores what is stored. The serialisation of the partials (zlib-compressed JSON of
+`CasePartials.to_dict`) lives here; where they are kept is the store's business.
+
+Schedulers of `run_stats`: ``None`` starts a local Dask cluster (processes, one thread
+each: the kernel is single-threaded numpy and BLAS threads only contend);
+``"synchronous"`` or ``"threads"`` run the jobs one at a time in this process (tests,
+debugging); anything else is the address of an existing Dask scheduler
+(``tcp://host:8786``).
 """
 
 from __future__ import annotations
@@ -20,7 +33,8 @@ import json
 import logging
 import math
 import zlib
-from collections.abc import Callable, Mapping
+from collections.abc import Callable, Iterable, Mapping, Sequence
+from dataclasses import dataclass
 from datetime import datetime, timezone
 from typing import Any
 
@@ -29,7 +43,7 @@ import numpy as np
 from pipeline import code_version
 from pipeline.errors import StoreError
 from pipeline.lease import writer_lease
-from pipeline.store import DatasetStore, store_key
+from pipeline.store import CaseRecord, DatasetStore
 from stats.dataset import (
     DEFAULT_BINS,
     CasePartials,
@@ -44,27 +58,32 @@ from stats.dataset import (
 from stats.summary import DatasetStats
 
 log = logging.getLogger(__name__)
-_STATS = "_xrai/stats"
 
 
-
-def engine_config(store: DatasetStore, *, bins: int = DEFAULT_BINS) -> EngineConfig:
+def engine_config(store: DatasetStore, *, bins: int = DEFAULT_BINS,
+                  records: Mapping[str, CaseRecord] | None = None) -> EngineConfig:
     """The engine configuration for a store, from its attributes and case records only.
 
     The histogram upper edge of each channel, and the scale of its candidate transforms
     (the channel's largest value, so that the choice of transform does not depend on
     the units), come from the per-case intensity ranges recorded at ingest, so no voxel
     is read to fix them.
+
+    Parameters
+    ----------
+    records : mapping, optional
+        The committed cases (`DatasetStore.committed`), when the caller holds them.
     """
-    records = store.committed()
+    if records is None:
+        records = store.committed()
     upper, scale = {}, {}
-    for ci, ch in enumerate(store.channels):
+    for ch in store.channels:
         highs = []
-        for rec in records.values():
+        for cid, rec in records.items():
             high = rec.attrs.get("intensity_range", {}).get(ch, [math.nan, math.nan])[1]
             if high is None or not math.isfinite(float(high)):
                 # a case committed without its range (written by other tools): one read
-                high = float(np.nanmax(store.group["image"][rec.slot, ci]))
+                high = float(np.nanmax(store.read_image(cid, ch, record=rec)))
             highs.append(float(high))
         top = max(highs, default=1.0)
         upper[ch] = nice_upper(top)
@@ -74,53 +93,217 @@ def engine_config(store: DatasetStore, *, bins: int = DEFAULT_BINS) -> EngineCon
 
 
 def load_persisted(store: DatasetStore, case_id: str) -> CasePartials | None:
-    """The persisted partials of a case, or None."""
-    group = store.group.get(_STATS)
-    key = store_key(case_id)
-    if group is None or key not in group:
+    """The persisted partials of a case, or None (none, or unreadable: logged)."""
+    blob = store.read_partials(case_id)
+    if blob is None:
         return None
-    arr = group[key]
     try:
-        return CasePartials.from_dict(json.loads(zlib.decompress(arr[:].tobytes())))
-    except (ValueError, KeyError, zlib.error) as err:
+        return CasePartials.from_dict(json.loads(zlib.decompress(blob)))
+    except (ValueError, KeyError, TypeError, zlib.error) as err:
         log.warning("ignoring unreadable persisted statistics of %s: %s", case_id, err)
         return None
 
 
-def persisted_is_current(store: DatasetStore, case_id: str, content_hash: str,
-                         fingerprint: str) -> bool:
-    """Whether the persisted partials of a case match its content and the engine.
-
-    Reads only the attributes of the persisted array, not the partials themselves.
-    """
-    group = store.group.get(_STATS)
-    key = store_key(case_id)
-    if group is None or key not in group:
-        return False
-    attrs = group[key].attrs
-    return attrs.get("content_hash") == content_hash and attrs.get("config") == fingerprint
-
-
 def persist(store: DatasetStore, partials: CasePartials) -> None:
-    """Write a case's partials (one atomic array write, then its attributes)."""
-    blob = np.frombuffer(zlib.compress(json.dumps(partials.to_dict()).encode(), 6), dtype=np.uint8)
-    group = store.group.require_group(_STATS)
-    arr = group.create_array(store_key(partials.case_id), shape=blob.shape, dtype="uint8",
-                             chunks=(max(1, blob.size),), overwrite=True, compressors=None)
-    arr[:] = blob
-    arr.attrs.update({"content_hash": partials.content_hash, "config": partials.config})
+    """Write a case's partials to the store (`DatasetStore.write_partials`)."""
+    blob = zlib.compress(json.dumps(partials.to_dict()).encode(), 6)
+    store.write_partials(partials.case_id, blob, content_hash=partials.content_hash,
+                         fingerprint=partials.config)
 
 
-def compute_case(store_url: str, dataset: str, case_id: str, content_hash: str,
-                 config: EngineConfig, storage_options: Mapping[str, Any] | None = None,
-                 persist_result: bool = True) -> CasePartials:
-    """One Dask task: read the case once, compute and persist its partials."""
-    store = DatasetStore.open(store_url, dataset, writable=persist_result,
-                              storage_options=storage_options)
-    partials = case_partials(case_id, content_hash, store.read_case(case_id), config)
-    if persist_result:
-        persist(store, partials)
-    return partials
+@dataclass(frozen=True)
+class StatsJob:
+    """One case's partials to compute: where the case is, its record, the engine.
+
+    Small and picklable: it goes to a Dask worker or a Prefect task as it is.
+    """
+
+    store_url: str
+    dataset: str
+    record: CaseRecord
+    config: EngineConfig
+    storage_options: Mapping[str, Any] | None = None
+
+    @property
+    def case_id(self) -> str:
+        return self.record.case_id
+
+    @property
+    def content_hash(self) -> str:
+        return self.record.content_hash
+
+    @property
+    def key(self) -> str:
+        """A name for the job's task: the case id and the start of its content hash."""
+        return f"case-stats-{self.case_id}-{self.content_hash[:12]}"
+
+    def run(self, *, persist_result: bool = True) -> CasePartials:
+        """Read the case once, compute its partials and persist them (in any process).
+
+        Raises
+        ------
+        CaseDamaged
+            A chunk of the case is absent or cannot be decoded.
+        """
+        store = DatasetStore.open(self.store_url, self.dataset, writable=persist_result,
+                                  storage_options=self.storage_options)
+        arrays = store.read_case(self.case_id, record=self.record)
+        partials = case_partials(self.case_id, self.content_hash, arrays, self.config)
+        if persist_result:
+            persist(store, partials)
+        return partials
+
+
+@dataclass(frozen=True)
+class StatsPlan:
+    """What a statistics run does: the engine, the cases, what to reuse and compute.
+
+    Attributes
+    ----------
+    store_url, dataset : str
+    config : EngineConfig
+        The engine configuration (`engine_config`) every partial is computed with.
+    records : mapping of str to CaseRecord
+        The committed cases, in store order (the order of the statistics' cases).
+    jobs : tuple of StatsJob
+        The cases whose partials are computed, in store order.
+    reused : mapping of str to CasePartials
+        The persisted partials that are current (content hash and engine fingerprint
+        match), already read; by case id, in store order.
+    """
+
+    store_url: str
+    dataset: str
+    config: EngineConfig
+    records: Mapping[str, CaseRecord]
+    jobs: tuple[StatsJob, ...]
+    reused: Mapping[str, CasePartials]
+
+    @property
+    def computed_ids(self) -> list[str]:
+        """Case ids of the jobs, in store order."""
+        return [job.case_id for job in self.jobs]
+
+    @property
+    def reused_ids(self) -> list[str]:
+        """Case ids whose persisted partials are reused, in store order."""
+        return list(self.reused)
+
+
+def plan_stats(store: DatasetStore, *, recompute: bool = False,
+               bins: int = DEFAULT_BINS) -> StatsPlan:
+    """Plan the statistics of a dataset: engine configuration, reuse, jobs.
+
+    Reads the case records once, the attributes of each persisted partial, and the
+    persisted partials that are current (an unreadable one is computed again).
+
+    Parameters
+    ----------
+    store : DatasetStore
+        The dataset; its `storage_options` go to the jobs.
+    recompute : bool
+        Compute every case, ignoring the persisted partials.
+    bins : int
+        Histogram bins per channel.
+
+    Raises
+    ------
+    StoreError
+        No committed case in the dataset, or a committed case has lost a chunk.
+    """
+    records = store.committed()
+    where = f"dataset {store.dataset!r} in {store.url!r}"
+    if not records:
+        raise StoreError(f"{where} has no committed case")
+    damaged = store.missing_chunks(records.values())
+    if damaged:
+        listed = "; ".join(f"case {cid!r}: chunk {keys[0]!r} is missing"
+                           for cid, keys in list(damaged.items())[:5])
+        raise StoreError(
+            f"{len(damaged)} committed case(s) of {where} have lost data ({listed}); "
+            "`xrai verify` lists every damaged case, and re-running `xrai ingest` on the "
+            "source re-ingests cases with missing chunks"
+        )
+    config = engine_config(store, bins=bins, records=records)
+    fingerprint = config.fingerprint()
+    options = dict(store.storage_options) or None
+    reused: dict[str, CasePartials] = {}
+    jobs: list[StatsJob] = []
+    for cid, rec in records.items():
+        current = not recompute and store.partials_current(cid, rec.content_hash, fingerprint)
+        cached = load_persisted(store, cid) if current else None
+        if cached is not None:
+            reused[cid] = cached
+        else:
+            jobs.append(StatsJob(store.url, store.dataset, rec, config, options))
+    return StatsPlan(store_url=store.url, dataset=store.dataset, config=config,
+                     records=records, jobs=tuple(jobs), reused=reused)
+
+
+def merge_stats(store: DatasetStore, plan: StatsPlan,
+                computed: Iterable[CasePartials]) -> DatasetStats:
+    """Merge the plan's reused partials and the jobs' results into `DatasetStats`.
+
+    Uses the plan's engine configuration and records; reads only the dataset's grid and
+    label scheme from the store's attributes.
+
+    Parameters
+    ----------
+    store : DatasetStore
+        The dataset the plan is of.
+    plan : StatsPlan
+        From `plan_stats`.
+    computed : iterable of CasePartials
+        The results of the plan's jobs (`StatsJob.run`), in any order.
+
+    Raises
+    ------
+    ValueError
+        The store is not the plan's, a result is not one of the plan's jobs (another
+        case, content hash or engine fingerprint), or a job has no result.
+    """
+    if (store.url, store.dataset) != (plan.store_url, plan.dataset):
+        raise ValueError(f"the plan is of dataset {plan.dataset!r} in {plan.store_url!r}, "
+                         f"not {store.dataset!r} in {store.url!r}")
+    fingerprint = plan.config.fingerprint()
+    jobs = {job.case_id: job for job in plan.jobs}
+    by_id: dict[str, CasePartials] = dict(plan.reused)
+    for part in computed:
+        job = jobs.get(part.case_id)
+        if job is None or part.case_id in by_id:
+            raise ValueError(f"partials of case {part.case_id!r} are not a result of the plan's "
+                             f"jobs (jobs: {sorted(jobs)!r})")
+        if (part.content_hash, part.config) != (job.content_hash, fingerprint):
+            raise ValueError(
+                f"partials of case {part.case_id!r} were computed from content hash "
+                f"{part.content_hash!r} with engine {part.config!r}; the plan has "
+                f"{job.content_hash!r} and {fingerprint!r}")
+        by_id[part.case_id] = part
+    missing = [cid for cid in plan.records if cid not in by_id]
+    if missing:
+        raise ValueError(f"no partials for {len(missing)} planned case(s) of dataset "
+                         f"{plan.dataset!r}: {missing[:5]!r}")
+    cases = [by_id[cid] for cid in plan.records]  # store order, whatever order jobs finished
+    grid = store.grid
+    config = plan.config
+    return DatasetStats(
+        dataset=plan.dataset,
+        store=plan.store_url,
+        content_hash=dataset_hash((cid, r.content_hash) for cid, r in plan.records.items()),
+        n_cases=len(cases),
+        cases=list(plan.records),
+        channels=list(config.channels),
+        spacing_mm=[float(s) for s in grid.spacing],
+        voxel_ml=grid.voxel_ml,
+        label_scheme=store.label_scheme,
+        intensity=intensity_distributions(cases, config),
+        labels=label_distributions(cases, grid.voxel_ml),
+        class_frequencies=class_frequencies(cases),
+        per_case={c.case_id: c.labels for c in cases},
+        created_at=datetime.now(timezone.utc).isoformat(timespec="seconds"),
+        code_version=code_version(),
+        histogram_bins=config.bins,
+    )
 
 
 def local_cluster(n_workers: int | None = None):
@@ -145,16 +328,27 @@ def local_cluster(n_workers: int | None = None):
                             dashboard_address=None, silence_logs=logging.ERROR)
 
 
-def _run_tasks(jobs: list[tuple], scheduler: str | None,
-               on_done: Callable[[str], None] | None) -> list[CasePartials]:
+def _run_job(job: StatsJob) -> CasePartials:
+    return job.run()
+
+
+def run_jobs(jobs: Sequence[StatsJob], scheduler: str | None = "synchronous",
+             on_done: Callable[[str], None] | None = None) -> list[CasePartials]:
+    """Run statistics jobs with a scheduler (see module notes); results in finishing order.
+
+    Parameters
+    ----------
+    on_done : callable, optional
+        Called with each case id as its partials finish.
+    """
     if not jobs:
         return []
     if scheduler in ("synchronous", "threads", "sync", "single-threaded"):
         out = []
         for job in jobs:  # one case at a time: the kernel is memory-bound per volume
-            out.append(compute_case(*job))
+            out.append(job.run())
             if on_done:
-                on_done(job[2])
+                on_done(job.case_id)
         return out
 
     from distributed import Client, as_completed
@@ -166,8 +360,7 @@ def _run_tasks(jobs: list[tuple], scheduler: str | None,
             client = stack.enter_context(Client(cluster))
         else:
             client = stack.enter_context(Client(scheduler))
-        futures = [client.submit(compute_case, *job, key=f"case-stats-{job[2]}-{job[3][:12]}",
-                                 pure=False) for job in jobs]
+        futures = [client.submit(_run_job, job, key=job.key, pure=False) for job in jobs]
         results = []
         for fut in as_completed(futures):
             part = fut.result()
@@ -183,7 +376,7 @@ def run_stats(store_url: str, dataset: str, *, scheduler: str | None = None,
               on_start: Callable[[int, int], None] | None = None,
               on_done: Callable[[str], None] | None = None,
               wait: float = 0.0, lease: bool = True) -> DatasetStats:
-    """Statistics of one dataset of the store (see module notes).
+    """Statistics of one dataset of the store: `plan_stats`, the jobs, `merge_stats`.
 
     Parameters
     ----------
@@ -195,7 +388,7 @@ def run_stats(store_url: str, dataset: str, *, scheduler: str | None = None,
         Seconds to wait for another writer of the dataset (the run persists partials,
         so it holds the writer lease, `pipeline.lease`); 0 refuses at once.
     lease : bool
-        False when the caller already holds the lease (a flow).
+        False when the caller already holds the lease.
 
     Raises
     ------
@@ -208,70 +401,17 @@ def run_stats(store_url: str, dataset: str, *, scheduler: str | None = None,
     """
     with (writer_lease(store_url, dataset, wait=wait, storage_options=storage_options)
           if lease else contextlib.nullcontext()):
-        return _run_stats(store_url, dataset, scheduler=scheduler, recompute=recompute,
-                          bins=bins, storage_options=storage_options, on_start=on_start,
-                          on_done=on_done)
-
-
-def _run_stats(store_url: str, dataset: str, *, scheduler: str | None, recompute: bool,
-               bins: int, storage_options: Mapping[str, Any] | None,
-               on_start: Callable[[int, int], None] | None,
-               on_done: Callable[[str], None] | None) -> DatasetStats:
-    store = DatasetStore.open(store_url, dataset, storage_options=storage_options)
-    records = store.committed()
-    if not records:
-        raise StoreError(f"dataset {dataset!r} in {store_url!r} has no committed case")
-    damaged = store.missing_chunks(records.values())
-    if damaged:
-        listed = "; ".join(f"case {cid!r}: chunk {keys[0]!r} is missing"
-                           for cid, keys in list(damaged.items())[:5])
-        raise StoreError(
-            f"{len(damaged)} committed case(s) of dataset {dataset!r} in {store_url!r} have "
-            f"lost data ({listed}); `xrai verify` lists every damaged case, and re-running "
-            "`xrai ingest` on the source re-ingests cases with missing chunks"
-        )
-    config = engine_config(store, bins=bins)
-    fingerprint = config.fingerprint()
-    reused: list[CasePartials] = []
-    jobs = []
-    for cid, rec in records.items():
-        current = not recompute and persisted_is_current(store, cid, rec.content_hash,
-                                                         fingerprint)
-        cached = load_persisted(store, cid) if current else None
-        if cached is not None:
-            reused.append(cached)
-        else:
-            jobs.append((store_url, dataset, cid, rec.content_hash, config,
-                         dict(storage_options or {}) or None))
-    if on_start:
-        on_start(len(jobs), len(reused))
-    computed = _run_tasks(jobs, scheduler, on_done)
-    by_id = {p.case_id: p for p in [*reused, *computed]}
-    cases = [by_id[cid] for cid in records]  # store order, whatever order tasks finished
-    grid = store.grid
-    return DatasetStats(
-        dataset=dataset,
-        store=store_url,
-        content_hash=dataset_hash((cid, r.content_hash) for cid, r in records.items()),
-        n_cases=len(cases),
-        cases=list(records),
-        channels=list(store.channels),
-        spacing_mm=[float(s) for s in grid.spacing],
-        voxel_ml=grid.voxel_ml,
-        label_scheme=dict(store.group.attrs["label_scheme"]),
-        intensity=intensity_distributions(cases, config),
-        labels=label_distributions(cases, grid.voxel_ml),
-        class_frequencies=class_frequencies(cases),
-        per_case={c.case_id: c.labels for c in cases},
-        created_at=datetime.now(timezone.utc).isoformat(timespec="seconds"),
-        code_version=code_version(),
-        histogram_bins=bins,
-    )
+        store = DatasetStore.open(store_url, dataset, storage_options=storage_options)
+        plan = plan_stats(store, recompute=recompute, bins=bins)
+        if on_start:
+            on_start(len(plan.jobs), len(plan.reused))
+        computed = run_jobs(plan.jobs, scheduler, on_done)
+        return merge_stats(store, plan, computed)
 
 
 def write_stats(stats: DatasetStats, path: str) -> None:
     """Write the statistics JSON atomically (NaN written as null)."""
-    from stats.manifest import write_text_atomic
+    from pipeline.fsio import write_text_atomic
 
     write_text_atomic(path, stats.model_dump_json(indent=2) + "\n")
 
@@ -284,6 +424,6 @@ def read_stats(path: str) -> DatasetStats:
     FileNotFoundError, ManifestError
         A missing file, or one that does not validate (file, field path, value).
     """
-    from stats.manifest import load_stats
+    from pipeline.manifest_io import load_stats
 
     return load_stats(path)

@@ -11,6 +11,9 @@ Layout of ``STORE/<dataset>`` (dimension names are Zarr v3 ``dimension_names``, 
     channel  (channel,)                str       canonical channel names
     _xrai/cases/<key>                  group whose attributes are the case record
     _xrai/quarantine/<key>             group whose attributes say why the case was rejected
+    _xrai/stats/<key>                  uint8 array: a case's persisted statistics partials
+                                       (an opaque blob, `write_partials`); its attributes
+                                       ``content_hash`` and ``config`` say what it is of
     _xrai/lease                        the writer lease while a writer runs (pipeline.lease)
 
 ``<key>`` is the case id made safe as a store key (`store_key`: a leading ``.`` or ``_``,
@@ -27,6 +30,11 @@ a half-updated case under a committed name.
 Slots are assigned by the parent process only (``allocate``); workers write disjoint
 chunks and their own case's record, so no two processes ever write the same key. Writers
 of one dataset exclude each other with the writer lease (`pipeline.lease`).
+
+Nothing outside this module opens the Zarr group: readers and writers go through the
+methods of `DatasetStore` (cases: `read_case`, `read_image`, `read_label`; persisted
+statistics: `write_partials`, `read_partials`, `partials_current`), so the layout above
+can change here alone.
 
 Integrity: every chunk of a committed case is written, zeros included
 (``write_empty_chunks``), and the record holds the SHA-256 of each array as written
@@ -66,6 +74,7 @@ log = logging.getLogger(__name__)
 
 STORE_FORMAT = 1
 _META = "_xrai"
+_STATS = f"{_META}/stats"
 # lz4 with byte shuffle: ~2-3x smaller than raw float32 MRI and several times faster
 # than zstd to write, which keeps ingest close to the cost of decoding the sources.
 _COMPRESSORS = (BloscCodec(cname="lz4", clevel=5, shuffle=BloscShuffle.shuffle),)
@@ -180,12 +189,12 @@ class DatasetStore:
         try:
             # Never the consolidated metadata: it is a snapshot for plain readers,
             # written at the end of a run (`compact`); the records change during one.
-            self.group = zarr.open_group(self.url, path=dataset, mode=mode,
-                                         storage_options=self.storage_options or None,
-                                         use_consolidated=False)
+            self._group = zarr.open_group(self.url, path=dataset, mode=mode,
+                                          storage_options=self.storage_options or None,
+                                          use_consolidated=False)
         except (FileNotFoundError, zarr.errors.GroupNotFoundError) as err:
             raise StoreError(f"no dataset {dataset!r} in store {self.url!r}") from err
-        if mode in ("r", "r+") and "xrai_format" not in self.group.attrs:
+        if mode in ("r", "r+") and "xrai_format" not in self._group.attrs:
             raise StoreError(f"{self.url}/{dataset} is not an XRAI dataset (no 'xrai_format' attribute)")
 
     # -- creation -------------------------------------------------------------------
@@ -208,7 +217,7 @@ class DatasetStore:
             If the dataset exists with another grid or other channels.
         """
         self = cls(url, dataset, mode="a", storage_options=storage_options)
-        attrs = self.group.attrs
+        attrs = self._group.attrs
         if "xrai_format" in attrs:
             stored = {"spacing": list(attrs["spacing"]), "shape": list(attrs["shape"])}
             if stored != grid.to_dict() or list(attrs["channels"]) != list(channels):
@@ -220,7 +229,7 @@ class DatasetStore:
             return self
         z, y, x = grid.zyx
         c = len(channels)
-        g = self.group
+        g = self._group
         g.create_array("image", shape=(0, c, z, y, x), chunks=(1, 1, z, y, x), dtype="float32",
                        fill_value=0.0, compressors=_COMPRESSORS,
                        dimension_names=["case", "channel", "z", "y", "x"])
@@ -257,19 +266,24 @@ class DatasetStore:
 
     @property
     def grid(self) -> Grid:
-        a = self.group.attrs
+        a = self._group.attrs
         return Grid(spacing=tuple(a["spacing"]), shape=tuple(a["shape"]))  # type: ignore[arg-type]
 
     @property
     def channels(self) -> tuple[str, ...]:
-        return tuple(self.group.attrs["channels"])
+        return tuple(self._group.attrs["channels"])
+
+    @property
+    def label_scheme(self) -> dict[str, str]:
+        """The dataset's label values (as strings) and their names."""
+        return dict(self._group.attrs["label_scheme"])
 
     @property
     def n_slots(self) -> int:
-        return int(self.group["case"].shape[0])
+        return int(self._group["case"].shape[0])
 
     def _meta(self, kind: str) -> zarr.Group:
-        return self.group[f"{_META}/{kind}"]  # type: ignore[return-value]
+        return self._group[f"{_META}/{kind}"]  # type: ignore[return-value]
 
     # -- records --------------------------------------------------------------------
 
@@ -296,7 +310,7 @@ class DatasetStore:
 
     def _member_names(self, kind: str) -> list[str]:
         async def names() -> list[str]:
-            return [k async for k in self.group.store.list_dir(f"{self.group.path}/{_META}/{kind}")
+            return [k async for k in self._group.store.list_dir(f"{self._group.path}/{_META}/{kind}")
                     if k != "zarr.json"]
 
         return sorted(sync(names()))
@@ -370,7 +384,7 @@ class DatasetStore:
             if need > self.n_slots:
                 size = -(-need // _SLOT_GROWTH) * _SLOT_GROWTH
                 for name in _PER_CASE:
-                    arr = self.group[name]
+                    arr = self._group[name]
                     arr.resize((size, *arr.shape[1:]))
             self._meta("cases").attrs["slots"] = slots
         return slots
@@ -413,7 +427,7 @@ class DatasetStore:
         return checksums
 
     def _array(self, name: str) -> zarr.Array:
-        return self.group[name].with_config(_WRITE_ALL)  # type: ignore[union-attr]
+        return self._group[name].with_config(_WRITE_ALL)  # type: ignore[union-attr]
 
     def commit(self, case_id: str, slot: int, content_hash: str, attrs: Mapping[str, Any]) -> None:
         """Make a written case visible: the case id at its slot, then the record last."""
@@ -450,7 +464,7 @@ class DatasetStore:
         slots = [r.slot for r in records.values()]
         ds = ds.isel(case=slots)
         ds = ds.assign_coords(case=np.array(list(records), dtype=object))
-        ds.attrs = {**dict(self.group.attrs),
+        ds.attrs = {**dict(self._group.attrs),
                     "cases": {cid: dict(r.attrs) for cid, r in records.items()},
                     "quarantine": self.quarantined()}
         return ds
@@ -459,9 +473,9 @@ class DatasetStore:
         """Each chunk of a case: name -> (array, selection, store key); one chunk each."""
         out: dict[str, tuple[zarr.Array, tuple[int, ...]]] = {}
         for ci, ch in enumerate(self.channels):
-            out[f"image/{ch}"] = (self.group["image"], (slot, ci))  # type: ignore[assignment]
+            out[f"image/{ch}"] = (self._group["image"], (slot, ci))  # type: ignore[assignment]
         for name in ("label", "brain", "annotated"):
-            out[name] = (self.group[name], (slot,))  # type: ignore[assignment]
+            out[name] = (self._group[name], (slot,))  # type: ignore[assignment]
         return {name: (arr, sel, self._key(arr, sel)) for name, (arr, sel) in out.items()}
 
     @staticmethod
@@ -476,20 +490,26 @@ class DatasetStore:
         Only cases committed with checksums are checked: older stores did not write
         chunks equal to the fill value, so an absent chunk there may be a legitimate zero.
         """
-        import asyncio
-
-        store = self.group.store
         wanted = [(rec.case_id, key) for rec in records if "checksums" in rec.attrs
                   for _, _, key in self._chunk_keys(rec.slot).values()]
-
-        async def check() -> list[bool]:
-            return list(await asyncio.gather(*(store.exists(key) for _, key in wanted)))
-
+        absent = set(self._absent([key for _, key in wanted]))
         out: dict[str, list[str]] = {}
-        for (cid, key), present in zip(wanted, sync(check()) if wanted else [], strict=True):
-            if not present:
+        for cid, key in wanted:
+            if key in absent:
                 out.setdefault(cid, []).append(key)
         return out
+
+    def _absent(self, keys: list[str]) -> list[str]:
+        """The store keys among `keys` that do not exist (one check each, all at once)."""
+        import asyncio
+
+        store = self._group.store
+
+        async def check() -> list[bool]:
+            return list(await asyncio.gather(*(store.exists(key) for key in keys)))
+
+        return [key for key, present in zip(keys, sync(check()) if keys else [], strict=True)
+                if not present]
 
     def read_case(self, case_id: str, *, record: CaseRecord | None = None,
                   verify: bool = False) -> dict[str, np.ndarray]:
@@ -510,19 +530,66 @@ class DatasetStore:
             A chunk of the case is absent, cannot be decoded, or (``verify``) does not
             match its checksum; the message names the case and the chunk.
         """
+        parts = self._read_chunks(case_id, None, record=record, verify=verify)
+        return {
+            "image": np.stack([parts[f"image/{ch}"] for ch in self.channels]),
+            "label": parts["label"],
+            "brain": parts["brain"],
+            "annotated": parts["annotated"],
+        }
+
+    def read_image(self, case_id: str, channel: str, *,
+                   record: CaseRecord | None = None) -> np.ndarray:
+        """One channel (Z, Y, X) of a committed case; reads that chunk only.
+
+        Raises
+        ------
+        KeyError
+            The case is not committed.
+        ValueError
+            `channel` is not a channel of the dataset.
+        CaseDamaged
+            The chunk is absent or cannot be decoded.
+        """
+        if channel not in self.channels:
+            raise ValueError(f"channel {channel!r} is not one of {list(self.channels)} of "
+                             f"{self.url}/{self.dataset}")
+        return self._read_chunks(case_id, (f"image/{channel}",), record=record)[
+            f"image/{channel}"]
+
+    def read_label(self, case_id: str, *, record: CaseRecord | None = None) -> np.ndarray:
+        """The label (Z, Y, X) of a committed case; reads that chunk only.
+
+        Raises
+        ------
+        KeyError
+            The case is not committed.
+        CaseDamaged
+            The chunk is absent or cannot be decoded.
+        """
+        return self._read_chunks(case_id, ("label",), record=record)["label"]
+
+    def _read_chunks(self, case_id: str, names: tuple[str, ...] | None, *,
+                     record: CaseRecord | None, verify: bool = False) -> dict[str, np.ndarray]:
+        """Chosen chunks (all when `names` is None) of a committed case, by name
+        (``image/<channel>``, ``label``, ``brain``, ``annotated``); see `read_case`."""
         if record is None:
             records = self.committed()
             if case_id not in records:
                 raise KeyError(f"case {case_id!r} is not committed in {self.url}/{self.dataset}")
             record = records[case_id]
-        missing = self.missing_chunks([record]).get(case_id)
+        chunks = self._chunk_keys(record.slot)
+        if names is not None:
+            chunks = {name: chunks[name] for name in names}
+        missing = self._absent([key for _, _, key in chunks.values()]) \
+            if "checksums" in record.attrs else []
         if missing:
             raise CaseDamaged(case_id, f"chunk {missing[0]!r} is missing"
                               + (f" (and {len(missing) - 1} more)" if len(missing) > 1 else ""),
                               self)
         expected = record.attrs.get("checksums", {}) if verify else {}
         parts: dict[str, np.ndarray] = {}
-        for name, (arr, selection, key) in self._chunk_keys(record.slot).items():
+        for name, (arr, selection, key) in chunks.items():
             try:
                 values = arr[selection]
             except Exception as err:  # the codecs raise RuntimeError, ValueError, ...
@@ -532,12 +599,7 @@ class DatasetStore:
                 raise CaseDamaged(case_id, f"chunk {key!r} does not match the checksum "
                                   "recorded at commit", self)
             parts[name] = values
-        return {
-            "image": np.stack([parts[f"image/{ch}"] for ch in self.channels]),
-            "label": parts["label"],
-            "brain": parts["brain"],
-            "annotated": parts["annotated"],
-        }
+        return parts
 
     def verify_case(self, case_id: str, *, record: CaseRecord | None = None) -> str | None:
         """What is wrong with a committed case (absent, undecodable or changed chunks),
@@ -547,6 +609,67 @@ class DatasetStore:
         except CaseDamaged as err:
             return err.reason
         return None
+
+    # -- persisted statistics -------------------------------------------------------
+
+    def write_partials(self, case_id: str, blob: bytes, *, content_hash: str,
+                       fingerprint: str) -> None:
+        """Persist a case's statistics partials (`pipeline.stats_runner` serialises them).
+
+        The blob is one array chunk (written atomically); the attributes naming the
+        case's content hash and the engine fingerprint are written after it, so a blob
+        interrupted half-way is never `partials_current`.
+
+        Parameters
+        ----------
+        blob : bytes
+            The serialised partials; not empty.
+        content_hash, fingerprint : str
+            What the partials were computed from: the case's content hash and the
+            statistics engine's configuration fingerprint.
+        """
+        if not blob:
+            raise ValueError(f"the statistics partials of case {case_id!r} are empty")
+        data = np.frombuffer(blob, dtype=np.uint8)
+        group = self._group.require_group(_STATS)
+        arr = group.create_array(store_key(case_id), shape=data.shape, dtype="uint8",
+                                 chunks=data.shape, overwrite=True, compressors=None)
+        arr[:] = data
+        arr.attrs.update({"content_hash": content_hash, "config": fingerprint})
+
+    def read_partials(self, case_id: str) -> bytes | None:
+        """The blob persisted by `write_partials` for a case, or None when there is none
+        or it cannot be read (logged; the caller recomputes the partials)."""
+        arr = self._partials_array(case_id)
+        if arr is None:
+            return None
+        try:
+            return arr[:].tobytes()
+        except Exception as err:  # the codecs raise RuntimeError, ValueError, ...
+            log.warning("unreadable statistics partials of case %r in %s/%s: %s", case_id,
+                        self.url, self.dataset, err)
+            return None
+
+    def partials_current(self, case_id: str, content_hash: str, fingerprint: str) -> bool:
+        """Whether the persisted partials of a case were computed from this content hash
+        with this engine fingerprint (reads their attributes only)."""
+        arr = self._partials_array(case_id)
+        if arr is None:
+            return False
+        attrs = arr.attrs
+        return attrs.get("content_hash") == content_hash and attrs.get("config") == fingerprint
+
+    def _partials_array(self, case_id: str) -> zarr.Array | None:
+        key = store_key(case_id)
+        try:
+            group = self._group.get(_STATS)
+            if group is None or key not in group:
+                return None
+            return group[key]  # type: ignore[return-value]
+        except ValueError as err:  # an unparsable zarr.json: as if there were none
+            log.warning("unreadable statistics partials of case %r in %s/%s: %s", case_id,
+                        self.url, self.dataset, err)
+            return None
 
     # -- compaction -----------------------------------------------------------------
 
@@ -578,7 +701,7 @@ class DatasetStore:
         self._meta("cases").attrs["slots"] = slots
         if self.n_slots != n:
             for name in _PER_CASE:
-                arr = self.group[name]
+                arr = self._group[name]
                 arr.resize((n, *arr.shape[1:]))
                 self._drop_chunks_from(arr, n)
         self.consolidate()
@@ -606,7 +729,7 @@ class DatasetStore:
         """
         from zarr.core.buffer import default_buffer_prototype
 
-        store = self.group.store
+        store = self._group.store
         zarr.open_group(store, path=_META, mode="a")  # the store-level lease lives here
         with writer_lease(self.url, None, wait=wait, storage_options=self.storage_options):
             with warnings.catch_warnings():

@@ -1,5 +1,10 @@
 """Thin dask adapters: map partial functions over blocks and merge them in a tree.
 
+The dependency goes one way: this module imports :mod:`stats.moments` and
+:mod:`stats.histogram`, which do not import dask. :func:`skew` and :func:`kurtosis` are
+the lazy, dask-array counterparts of :func:`stats.moments.skew` and
+:func:`stats.moments.kurtosis`.
+
 The partial functions themselves (:meth:`stats.moments.MomentPartial.from_values`,
 :func:`stats.moments.merge`, :meth:`stats.histogram.HistogramPartial.from_values`,
 :func:`stats.histogram.merge`) are plain numpy code tested on numpy; this module only
@@ -23,13 +28,24 @@ from stats.histogram import HistogramPartial
 from stats.histogram import merge as merge_histograms
 from stats.moments import (
     MomentPartial,
+    NanPolicy,
+    _check_nan_policy,
     _fields_along_axis,
+    _kurtosis_of_fields,
     _merge_fields,
     _normalize_axis,
+    _skew_of_fields,
     merge,
 )
 
-__all__ = ["histogram_partial", "moment_partial", "moment_reduction", "tree_reduce"]
+__all__ = [
+    "histogram_partial",
+    "kurtosis",
+    "moment_partial",
+    "moment_reduction",
+    "skew",
+    "tree_reduce",
+]
 
 T = TypeVar("T")
 _DEFAULT_SPLIT = 8
@@ -213,6 +229,89 @@ def moment_reduction(
         meta=meta,
         name="moment-reduction",
     )
+
+
+def skew(
+    a: da.Array, axis: int | None = 0, bias: bool = True, nan_policy: NanPolicy = "propagate"
+) -> da.Array:
+    """Lazy sample skewness of a dask array, with ``scipy.stats.skew``'s arguments and
+    results (:func:`stats.moments.skew` for numpy arrays).
+
+    Parameters
+    ----------
+    a : dask.array.Array
+        Real values (each block is converted to float64).
+    axis : int or None, default 0
+        Axis along which to compute; None uses all values.
+    bias : bool, default True
+        If False, the adjusted Fisher-Pearson coefficient (scipy's meaning).
+    nan_policy : {"propagate", "omit", "raise"}, default "propagate"
+        As in scipy: NaN result, NaNs ignored, or ``ValueError`` (raised at compute time).
+
+    Returns
+    -------
+    dask.array.Array
+        Lazy float64 (0-d for ``axis=None`` or 1-D input) built from per-block partials
+        merged in a tree (one pass over the data, `moment_reduction`); call ``.compute()``.
+
+    Raises
+    ------
+    ValueError
+        Unknown ``nan_policy``.
+    TypeError
+        ``a`` is not a real numeric dask array.
+
+    Notes
+    -----
+    :math:`g_1 = m_3/m_2^{3/2}`; see :func:`stats.moments.skew_from_partial`. Constant
+    input gives NaN like scipy (not 0 like ``dask.array.stats.skew``).
+    """
+    _check_nan_policy(nan_policy)
+    return moment_reduction(_check_dask_array(a, "skew"),
+                            lambda f: _skew_of_fields(f, bias=bias),
+                            axis=axis, nan_policy=nan_policy)
+
+
+def kurtosis(
+    a: da.Array,
+    axis: int | None = 0,
+    fisher: bool = True,
+    bias: bool = True,
+    nan_policy: NanPolicy = "propagate",
+) -> da.Array:
+    """Lazy sample kurtosis of a dask array, with ``scipy.stats.kurtosis``'s arguments
+    and results (:func:`stats.moments.kurtosis` for numpy arrays).
+
+    Parameters
+    ----------
+    a : dask.array.Array
+    axis : int or None, default 0
+    fisher : bool, default True
+        Excess kurtosis (minus 3), 0 for a normal distribution.
+    bias : bool, default True
+        If False, the k-statistic based estimator (scipy's meaning).
+    nan_policy : {"propagate", "omit", "raise"}, default "propagate"
+
+    Returns
+    -------
+    dask.array.Array
+        As :func:`skew`.
+
+    Raises
+    ------
+    ValueError
+        Unknown ``nan_policy``.
+    TypeError
+        ``a`` is not a real numeric dask array.
+
+    Notes
+    -----
+    :math:`g_2 = m_4/m_2^2 - 3`; see :func:`stats.moments.kurtosis_from_partial`.
+    """
+    _check_nan_policy(nan_policy)
+    return moment_reduction(_check_dask_array(a, "kurtosis"),
+                            lambda f: _kurtosis_of_fields(f, fisher=fisher, bias=bias),
+                            axis=axis, nan_policy=nan_policy)
 
 
 def _bind(func: Callable[..., Any], **kwargs: Any) -> Callable[..., Any]:

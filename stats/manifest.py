@@ -1,4 +1,4 @@
-"""The loss-configuration manifest: a versioned pydantic model, its JSON Schema, I/O.
+"""The loss-configuration manifest: a versioned pydantic model, its builder, its JSON Schema.
 
 A manifest records, for one dataset of the store:
 
@@ -14,14 +14,19 @@ A manifest records, for one dataset of the store:
 - ``provenance``: store content hash, code and package versions, seed, creation time.
 
 ``Manifest.loss_spec()`` gives the dict the trainer's ``build_loss`` takes
-(``{"name": "manifest", "terms": [...], "weighting": {...}}``). `load_manifest` turns
-every validation failure into a `ManifestError` naming the file, the field path and the
-offending value; it is the one check of both ``xrai manifest validate`` and the trainer.
+(``{"name": "manifest", "terms": [...], "weighting": {...}}``). `parse_manifest` turns
+every validation failure of a manifest's text into a `ManifestError` naming the file, the
+field path and the offending value; through ``pipeline.manifest_io.load_manifest`` it is
+the one check of both ``xrai manifest validate`` and the trainer.
 Besides the schema it checks every loss term's and the weighting's parameters against
 what the trainer's constructors accept (`LOSS_PARAMETERS`, `WEIGHTING_PARAMETERS`: names,
 kinds, ranges; a trainer test keeps them equal to the constructors), so a manifest that
 validates builds its loss. The JSON Schema of the model is committed as
-``stats/manifest.schema.json`` (`export_schema`; a test keeps it current).
+``stats/manifest.schema.json`` (``pipeline.manifest_io.export_schema``; a test keeps it
+current).
+
+This module touches no file: reading and writing manifests and statistics files, and the
+``xrai manifest`` commands, are in ``pipeline.manifest_io``.
 
 NaN (undefined skewness of a constant sample, for instance) is written as JSON ``null``
 and read back as NaN. A file with ``NaN``, ``Infinity`` or a number that overflows a float
@@ -37,7 +42,6 @@ import math
 import os
 import platform
 import re
-import tempfile
 from collections.abc import Callable, Mapping
 from dataclasses import dataclass
 from datetime import datetime, timezone
@@ -49,6 +53,7 @@ from numpy.typing import ArrayLike, NDArray
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, model_validator
 from pydantic_core import InitErrorDetails, PydanticCustomError
 
+from stats.errors import ManifestError
 from stats.rules import (
     LOSS_NAMES,
     TERM_NAMES,
@@ -84,15 +89,11 @@ __all__ = [
     "build_manifest",
     "channel_normalization",
     "decisions_table",
-    "export_schema",
-    "load_manifest",
-    "load_stats",
-    "manifest_command",
     "manifest_json_schema",
+    "parse_manifest",
+    "parse_stats",
     "stats_fingerprint",
-    "validate_command",
     "validate_manifest",
-    "write_manifest",
 ]
 
 MANIFEST_SCHEMA_VERSION = 1
@@ -102,11 +103,6 @@ CLIP_PERCENTILES = (0.5, 99.5)
 SCHEMA_PATH = Path(__file__).with_name("manifest.schema.json")
 #: Packages whose versions the provenance records (import-free look-ups).
 PACKAGES = ("xrai-pipeline", "numpy", "scipy", "pydantic", "dask", "zarr", "torch")
-
-
-class ManifestError(ValueError):
-    """A manifest (or the statistics it is built from) is invalid; the message names the
-    file, the field path and the offending value."""
 
 
 # ------------------------------------------------------------------ constructor parameters
@@ -652,8 +648,8 @@ def build_manifest(stats: DatasetStats, *, seed: int = 0,
     )
 
 
-# ------------------------------------------------------------------ I/O
-def _describe(err: ValidationError, path: Path | str) -> str:
+# ------------------------------------------------------------------ parsing (no file I/O)
+def _describe(err: ValidationError, path: str | os.PathLike[str]) -> str:
     lines = []
     for e in err.errors():
         where = ".".join(str(p) for p in e["loc"]) or "(top level)"
@@ -664,7 +660,7 @@ def _describe(err: ValidationError, path: Path | str) -> str:
     return _join(path, lines)
 
 
-def _join(path: Path | str, lines: list[str]) -> str:
+def _join(path: str | os.PathLike[str], lines: list[str]) -> str:
     more = f" (and {len(lines) - 1} more: " + "; ".join(lines[1:]) + ")" if len(lines) > 1 else ""
     return f"{path}: {lines[0]}{more}"
 
@@ -689,35 +685,27 @@ def _position(text: str, index: int) -> str:
     return f"line {line}, column {index - start + 1}"
 
 
-def _read_json(path: Path, what: str) -> Any:
-    """The JSON document of a file; errors name the file (and where in it).
+def _parse_json(data: bytes | str, source: str | os.PathLike[str]) -> Any:
+    """The JSON document of a manifest's bytes or text; errors name ``source`` (and where
+    in it).
 
     Raises
     ------
-    FileNotFoundError
-        If ``path`` does not exist.
     ManifestError
-        If it is a directory or unreadable, not UTF-8 (byte position), nested deeper than
-        `MAX_NESTING`, not JSON, or holds a non-finite number (NaN, Infinity, or one that
-        overflows a float; field path).
+        If it is not UTF-8 (byte position), nested deeper than `MAX_NESTING`, not JSON, or
+        holds a non-finite number (NaN, Infinity, or one that overflows a float; field path).
     """
-    if path.is_dir():
-        raise ManifestError(f"{what} {str(path)!r} is a directory, not a file")
-    try:
-        data = path.read_bytes()
-    except FileNotFoundError as err:
-        raise FileNotFoundError(f"{what} {str(path)!r} does not exist") from err
-    except OSError as err:
-        raise ManifestError(f"{what} {str(path)!r} cannot be read: "
-                            f"{err.strerror or err}") from err
-    try:
-        text = data.decode("utf-8")
-    except UnicodeDecodeError as err:
-        line = data.count(b"\n", 0, err.start) + 1
-        raise ManifestError(
-            f"{path}: not UTF-8 text: byte {data[err.start:err.start + 1]!r} at byte position "
-            f"{err.start} (line {line}) cannot be decoded ({err.reason}); a manifest is "
-            f"UTF-8 JSON") from err
+    if isinstance(data, bytes):
+        try:
+            text = data.decode("utf-8")
+        except UnicodeDecodeError as err:
+            line = data.count(b"\n", 0, err.start) + 1
+            raise ManifestError(
+                f"{source}: not UTF-8 text: byte {data[err.start:err.start + 1]!r} at byte "
+                f"position {err.start} (line {line}) cannot be decoded ({err.reason}); a "
+                f"manifest is UTF-8 JSON") from err
+    else:
+        text = data
     depth = 0
     for token in _JSON_TOKEN.finditer(text):
         c = token.group()
@@ -725,22 +713,22 @@ def _read_json(path: Path, what: str) -> Any:
             depth += 1
             if depth > MAX_NESTING:
                 raise ManifestError(
-                    f"{path}: JSON nested more than {MAX_NESTING} levels deep at "
+                    f"{source}: JSON nested more than {MAX_NESTING} levels deep at "
                     f"{_position(text, token.start())}; a manifest nests a few levels")
         elif c in "]}":
             depth -= 1
     try:
         doc = json.loads(text, parse_constant=_NonFinite, parse_float=_finite_or_placeholder)
     except RecursionError as err:  # not reached below MAX_NESTING; kept as a guard
-        raise ManifestError(f"{path}: JSON nested too deeply to parse") from err
+        raise ManifestError(f"{source}: JSON nested too deeply to parse") from err
     except ValueError as err:  # JSONDecodeError, or an integer beyond Python's digit limit
-        raise ManifestError(f"{path}: not valid JSON: {err}") from err
+        raise ManifestError(f"{source}: not valid JSON: {err}") from err
     bad = _non_finite_fields(doc)
     if bad:
         lines = [f"field {where}: not a finite number; a manifest holds finite numbers "
                  f"only (an undefined statistic is written as null) (got {token})"
                  for where, token in bad]
-        raise ManifestError(_join(path, lines))
+        raise ManifestError(_join(source, lines))
     return doc
 
 
@@ -791,95 +779,46 @@ def validate_manifest(doc: Any, source: str | os.PathLike[str]) -> Manifest:
         raise ManifestError(_describe(err, source)) from err
 
 
-def load_manifest(path: str | os.PathLike[str]) -> Manifest:
-    """Read and validate a manifest file: the one check of ``xrai manifest validate`` and
-    of the trainer (``pipeline.train.benchmark.load_training_manifest``), so that a
-    manifest that validates also builds its loss there.
+def parse_manifest(data: bytes | str, source: str | os.PathLike[str]) -> Manifest:
+    """Parse and validate a manifest's bytes (or text): the one check of
+    ``xrai manifest validate`` and of the trainer (both read the file with
+    ``pipeline.manifest_io.load_manifest``), so that a manifest that validates also builds
+    its loss there.
+
+    Parameters
+    ----------
+    data : bytes or str
+        The file's contents; bytes must be UTF-8.
+    source : str or PathLike
+        The file it came from, named in every message.
+
+    Returns
+    -------
+    Manifest
 
     Raises
     ------
-    FileNotFoundError
-        If the file does not exist.
     ManifestError
-        If it is a directory, is not UTF-8 (the byte position), nests deeper than
-        `MAX_NESTING`, is not JSON, holds NaN or Infinity, or does not validate
-        (`validate_manifest`): the message names the file, the field path
-        (``loss.terms.0.name``) and the offending value.
+        If it is not UTF-8 (the byte position), nests deeper than `MAX_NESTING`, is not
+        JSON, holds NaN or Infinity, or does not validate (`validate_manifest`): the
+        message names ``source``, the field path (``loss.terms.0.name``) and the offending
+        value.
     """
-    p = Path(path)
-    return validate_manifest(_read_json(p, "manifest"), p)
+    return validate_manifest(_parse_json(data, source), source)
 
 
-def write_manifest(manifest: Manifest, path: str | os.PathLike[str]) -> Path:
-    """Write a manifest atomically (temporary file in the same folder, then ``os.replace``).
-
-    Returns the path written.
-    """
-    return write_text_atomic(path, manifest.model_dump_json(indent=2) + "\n")
-
-
-def write_text_atomic(path: str | os.PathLike[str], text: str) -> Path:
-    """Write a text file atomically: a temporary file in the same folder, fsync, rename.
-
-    A run killed at any moment leaves either the old file or the new one, never half.
-    Used for manifests and statistics files.
-    """
-    p = Path(path)
-    p.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(prefix=f".{p.name}.", suffix=".tmp", dir=p.parent)
-    try:
-        with os.fdopen(fd, "w", encoding="utf-8") as fh:
-            fh.write(text)
-            fh.flush()
-            os.fsync(fh.fileno())
-        os.replace(tmp, p)
-    except BaseException:
-        Path(tmp).unlink(missing_ok=True)
-        raise
-    return p
-
-
-def load_stats(path: str | os.PathLike[str]) -> DatasetStats:
-    """Read a statistics file (``xrai stats --out``).
+def parse_stats(data: bytes | str, source: str | os.PathLike[str]) -> DatasetStats:
+    """Parse and validate the contents of a statistics file (``xrai stats --out``).
 
     Raises
     ------
-    FileNotFoundError
     ManifestError
-        Not JSON or not valid statistics (file, field path, value).
+        Not JSON or not valid statistics (``source``, field path, value).
     """
-    p = Path(path)
-    if not p.is_file():
-        raise FileNotFoundError(f"statistics file {str(p)!r} does not exist")
     try:
-        return DatasetStats.model_validate_json(p.read_text(encoding="utf-8"))
+        return DatasetStats.model_validate_json(data)
     except ValidationError as err:
-        raise ManifestError("statistics " + _describe(err, p)) from err
-
-
-def manifest_command(stats_path: str | os.PathLike[str], out_path: str | os.PathLike[str],
-                     seed: int = 0) -> Manifest:
-    """``xrai manifest --stats STATS --out OUT``: build from a statistics file and write.
-
-    Raises
-    ------
-    FileNotFoundError, ManifestError
-        Unreadable statistics, or statistics the rules cannot use (the message names
-        the statistics file).
-    """
-    stats = load_stats(stats_path)
-    try:
-        manifest = build_manifest(stats, seed=seed)
-    except ValueError as err:
-        raise ManifestError(f"{stats_path}: {err}") from err
-    write_manifest(manifest, out_path)
-    return manifest
-
-
-def validate_command(path: str | os.PathLike[str]) -> Manifest:
-    """``xrai manifest validate FILE``: the manifest, or `ManifestError` naming the file and
-    the field (`load_manifest`, the trainer's own check)."""
-    return load_manifest(path)
+        raise ManifestError("statistics " + _describe(err, source)) from err
 
 
 def decisions_table(manifest: Manifest) -> list[tuple[str, str, str]]:
@@ -907,14 +846,6 @@ def manifest_json_schema() -> dict[str, Any]:
     """The JSON Schema (draft 2020-12) of `Manifest`, as committed in the repository."""
     schema = Manifest.model_json_schema()
     return {"$schema": "https://json-schema.org/draft/2020-12/schema", **schema}
-
-
-def export_schema(path: str | os.PathLike[str] = SCHEMA_PATH) -> Path:
-    """Write the JSON Schema of `Manifest` (sorted keys, 2-space indent, final newline)."""
-    p = Path(path)
-    p.write_text(json.dumps(manifest_json_schema(), indent=2, sort_keys=True) + "\n",
-                 encoding="utf-8")
-    return p
 
 
 # -- which decisions changed (scheduled reprocessing) ------------------------------

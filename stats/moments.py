@@ -7,7 +7,10 @@ finalisers (:func:`mean`, :func:`variance`, :func:`skew_from_partial`,
 :func:`kurtosis_from_partial`) follow ``scipy.stats``' conventions and degenerate cases.
 
 :func:`skew` and :func:`kurtosis` are drop-in replacements of ``scipy.stats.skew`` /
-``scipy.stats.kurtosis`` for numpy *and* dask arrays, computed in one pass from partials.
+``scipy.stats.kurtosis`` for numpy arrays, computed in one pass from partials; their lazy
+counterparts for dask arrays are :func:`stats.dask_graph.skew` and
+:func:`stats.dask_graph.kurtosis`. This module does not import dask: the dask adapters
+depend on the partial functions here, never the reverse.
 
 Accuracy: every accumulation is in float64 with a two-pass (mean, then centred powers)
 scheme inside a block and a mean correction, so results agree with scipy within about
@@ -540,12 +543,23 @@ def _normalize_axis(axis: int, ndim: int) -> int:
     return int(axis) % ndim
 
 
-def _is_dask(a: object) -> bool:
-    try:
-        import dask.array as da
-    except ImportError:  # pragma: no cover - dask is a dependency
-        return False
-    return isinstance(a, da.Array)
+def _reject_dask(a: object, name: str) -> None:
+    """A dask array would be computed into memory by ``np.asarray``; point to the lazy
+    adapter instead (checked by module name: this module does not import dask)."""
+    if type(a).__module__.partition(".")[0] == "dask":
+        raise TypeError(f"{name}: got a {type(a).__name__!r} from dask; use "
+                        f"stats.dask_graph.{name}, the lazy version for dask arrays")
+
+
+def _skew_of_fields(f: NDArray[np.float64], *, bias: bool) -> NDArray[np.float64]:
+    """Skewness of merged fields ``(n, mean, M2, M3, M4, min, max, ...)`` (axis 0)."""
+    return _skew_arrays(f[0], f[1], f[2], f[3], bias=bias)
+
+
+def _kurtosis_of_fields(f: NDArray[np.float64], *, fisher: bool,
+                        bias: bool) -> NDArray[np.float64]:
+    """Kurtosis of merged fields ``(n, mean, M2, M3, M4, min, max, ...)`` (axis 0)."""
+    return _kurtosis_arrays(f[0], f[1], f[2], f[4], fisher=fisher, bias=bias)
 
 
 def _numpy_stat(
@@ -581,11 +595,13 @@ def _numpy_stat(
 def skew(
     a: ArrayLike, axis: int | None = 0, bias: bool = True, nan_policy: NanPolicy = "propagate"
 ) -> Any:
-    """Sample skewness, ``scipy.stats.skew`` for numpy or dask arrays, from partials.
+    """Sample skewness, ``scipy.stats.skew`` for numpy arrays, from partials.
+
+    For dask arrays use :func:`stats.dask_graph.skew` (lazy, same arguments).
 
     Parameters
     ----------
-    a : array_like or dask.array.Array
+    a : array_like
         Real values (integers are converted to float64).
     axis : int or None, default 0
         Axis along which to compute; None uses all values.
@@ -596,18 +612,16 @@ def skew(
 
     Returns
     -------
-    float, numpy.ndarray or dask.array.Array
-        For numpy input a float (1-D input or ``axis=None``) or a float64 array.
-        For dask input a *lazy* float64 dask array (0-d for ``axis=None`` or 1-D input)
-        built from per-block partials merged in a tree (one pass over the data); call
-        ``.compute()``. With ``nan_policy="raise"`` the ``ValueError`` is raised at
-        compute time.
+    float or numpy.ndarray
+        A float (1-D input or ``axis=None``) or a float64 array.
         Unlike scipy, float32 input is accumulated (and answered) in float64.
 
     Raises
     ------
     ValueError
         Unknown ``nan_policy``, or NaN in the input with ``nan_policy="raise"``.
+    TypeError
+        A dask array (use :func:`stats.dask_graph.skew`), or non-numeric input.
 
     Notes
     -----
@@ -615,15 +629,8 @@ def skew(
     like scipy (not 0 like ``dask.array.stats.skew``); no warning is emitted.
     """
     _check_nan_policy(nan_policy)
-
-    def finalize(f: NDArray[np.float64]) -> NDArray[np.float64]:
-        return _skew_arrays(f[0], f[1], f[2], f[3], bias=bias)
-
-    if _is_dask(a):
-        from stats.dask_graph import moment_reduction
-
-        return moment_reduction(a, finalize, axis=axis, nan_policy=nan_policy)
-    return _numpy_stat(a, axis, nan_policy, finalize)
+    _reject_dask(a, "skew")
+    return _numpy_stat(a, axis, nan_policy, lambda f: _skew_of_fields(f, bias=bias))
 
 
 def kurtosis(
@@ -633,11 +640,13 @@ def kurtosis(
     bias: bool = True,
     nan_policy: NanPolicy = "propagate",
 ) -> Any:
-    """Sample kurtosis, ``scipy.stats.kurtosis`` for numpy or dask arrays, from partials.
+    """Sample kurtosis, ``scipy.stats.kurtosis`` for numpy arrays, from partials.
+
+    For dask arrays use :func:`stats.dask_graph.kurtosis` (lazy, same arguments).
 
     Parameters
     ----------
-    a : array_like or dask.array.Array
+    a : array_like
     axis : int or None, default 0
     fisher : bool, default True
         Excess kurtosis (minus 3), 0 for a normal distribution.
@@ -647,25 +656,21 @@ def kurtosis(
 
     Returns
     -------
-    float, numpy.ndarray or dask.array.Array
-        As :func:`skew`: lazy dask array for dask input, computed value otherwise.
+    float or numpy.ndarray
+        As :func:`skew`.
 
     Raises
     ------
     ValueError
         Unknown ``nan_policy``, or NaN in the input with ``nan_policy="raise"``.
+    TypeError
+        A dask array (use :func:`stats.dask_graph.kurtosis`), or non-numeric input.
 
     Notes
     -----
     :math:`g_2 = m_4/m_2^2 - 3`; see :func:`kurtosis_from_partial`.
     """
     _check_nan_policy(nan_policy)
-
-    def finalize(f: NDArray[np.float64]) -> NDArray[np.float64]:
-        return _kurtosis_arrays(f[0], f[1], f[2], f[4], fisher=fisher, bias=bias)
-
-    if _is_dask(a):
-        from stats.dask_graph import moment_reduction
-
-        return moment_reduction(a, finalize, axis=axis, nan_policy=nan_policy)
-    return _numpy_stat(a, axis, nan_policy, finalize)
+    _reject_dask(a, "kurtosis")
+    return _numpy_stat(a, axis, nan_policy,
+                       lambda f: _kurtosis_of_fields(f, fisher=fisher, bias=bias))

@@ -303,8 +303,8 @@ class TestCli:
     def test_missing_source_folder_is_a_clear_error(self, tmp_path):
         result = CliRunner().invoke(app, ["ingest", str(tmp_path / "nope"), "--store",
                                           str(tmp_path / "s.zarr"), "--dataset", "ds"])
-        assert result.exit_code == 1
-        assert "does not exist" in result.output
+        assert result.exit_code == 2  # a usage error (issue 12), as the README says
+        assert "does not exist" in " ".join(result.output.replace("│", " ").split())  # boxed
 
 
 @pytest.mark.slow

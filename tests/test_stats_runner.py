@@ -8,7 +8,16 @@ import numpy as np
 import pytest
 import scipy.stats
 
-from pipeline.stats_runner import read_stats, run_stats, write_stats
+from pipeline.errors import StoreError
+from pipeline.stats_runner import (
+    StatsJob,
+    StatsPlan,
+    merge_stats,
+    plan_stats,
+    read_stats,
+    run_stats,
+    write_stats,
+)
 from pipeline.store import DatasetStore, Grid
 from stats.summary import DatasetStats
 
@@ -185,6 +194,83 @@ class TestIncremental:
         seen = []
         run_stats(url, "ds", scheduler="synchronous", on_done=seen.append)
         assert sorted(seen) == sorted(cases)
+
+
+def _canonical(stats: DatasetStats) -> str:
+    """The statistics' JSON without the time they were made."""
+    return stats.model_copy(update={"created_at": ""}).model_dump_json()
+
+
+class TestIssue12StageFunctions:
+    """Issue 12: plan -> jobs -> merge are plain functions shared by the CLI and the flow."""
+
+    def test_plan_jobs_merge_equal_run_stats(self, store_with_cases):
+        url, _, _ = store_with_cases
+        reference = run_stats(url, "ds", scheduler="synchronous", recompute=True)
+        store = DatasetStore.open(url, "ds")
+        plan = plan_stats(store, recompute=True)
+        assert isinstance(plan, StatsPlan)
+        assert plan.computed_ids == ["c0", "c1", "c2"]
+        assert plan.reused_ids == []
+        assert all(isinstance(job, StatsJob) for job in plan.jobs)
+        assert [job.content_hash for job in plan.jobs] == ["hash-c0", "hash-c1", "hash-c2"]
+        computed = [job.run() for job in reversed(plan.jobs)]  # any finishing order
+        assert _canonical(merge_stats(store, plan, computed)) == _canonical(reference)
+
+    def test_plan_reuses_current_partials_and_merge_reads_nothing_again(
+            self, store_with_cases, monkeypatch):
+        url, _, _ = store_with_cases
+        first = run_stats(url, "ds", scheduler="synchronous")
+        store = DatasetStore.open(url, "ds")
+        plan = plan_stats(store)
+        assert plan.jobs == ()
+        assert plan.reused_ids == ["c0", "c1", "c2"]
+
+        def no_reading(*args, **kwargs):
+            raise AssertionError("merge_stats read the store again")
+
+        for name in ("committed", "read_partials", "partials_current", "read_case",
+                     "read_image"):
+            monkeypatch.setattr(DatasetStore, name, no_reading)
+        monkeypatch.setattr("pipeline.stats_runner.engine_config", no_reading)
+        assert _canonical(merge_stats(store, plan, [])) == _canonical(first)
+
+    def test_recompute_plans_every_case(self, store_with_cases):
+        url, _, _ = store_with_cases
+        run_stats(url, "ds", scheduler="synchronous")
+        plan = plan_stats(DatasetStore.open(url, "ds"), recompute=True)
+        assert (plan.computed_ids, plan.reused_ids) == (["c0", "c1", "c2"], [])
+
+    def test_unreadable_persisted_partials_are_computed_again(self, store_with_cases):
+        url, _, _ = store_with_cases
+        run_stats(url, "ds", scheduler="synchronous")
+        writable = DatasetStore.open(url, "ds", writable=True)
+        fingerprint = plan_stats(writable, recompute=True).config.fingerprint()
+        writable.write_partials("c1", b"not zlib", content_hash="hash-c1",
+                                fingerprint=fingerprint)
+        plan = plan_stats(DatasetStore.open(url, "ds"))
+        assert plan.computed_ids == ["c1"]
+        assert plan.reused_ids == ["c0", "c2"]
+
+    def test_merge_refuses_results_that_are_not_the_plans(self, store_with_cases):
+        url, _, _ = store_with_cases
+        store = DatasetStore.open(url, "ds")
+        plan = plan_stats(store, recompute=True)
+        results = [job.run(persist_result=False) for job in plan.jobs]
+        with pytest.raises(ValueError, match=r"no partials for 1 planned case\(s\) .*'c2'"):
+            merge_stats(store, plan, results[:2])
+        with pytest.raises(ValueError, match=r"partials of case 'c0' are not a result of the plan"):
+            merge_stats(store, plan, [*results, results[0]])
+        import dataclasses
+
+        stale = dataclasses.replace(results[1], content_hash="hash-old")
+        with pytest.raises(ValueError, match=r"case 'c1' were computed from content hash 'hash-old'"):
+            merge_stats(store, plan, [results[0], stale, results[2]])
+
+    def test_plan_refuses_an_empty_dataset(self, tmp_path):
+        store = DatasetStore.create(str(tmp_path / "e.zarr"), "empty", grid=GRID)
+        with pytest.raises(StoreError, match=r"dataset 'empty' in .* has no committed case"):
+            plan_stats(store)
 
 
 def test_json_round_trip_with_nan(store_with_cases, tmp_path):

@@ -91,3 +91,77 @@ def test_missing_dataset_is_a_store_error(tmp_path):
     DatasetStore.create(str(tmp_path / "s.zarr"), "ds", grid=GRID)
     with pytest.raises(StoreError, match="no dataset 'other'"):
         DatasetStore.open(str(tmp_path / "s.zarr"), "other")
+
+
+def _committed_store(tmp_path, checksums: bool = True) -> DatasetStore:
+    store = DatasetStore.create(str(tmp_path / "s.zarr"), "ds", grid=GRID)
+    slot = store.allocate(["a"])["a"]
+    arrays = _case(1.0)
+    arrays["image"][2] = 3.0
+    sums = store.write_case(slot, **arrays)
+    store.commit("a", slot, "hash-a", {"checksums": sums} if checksums else {})
+    return store
+
+
+class TestIssue12StoreOwnsItsLayout:
+    """Issue 12: readers and the statistics go through the store's methods, not its group."""
+
+    def test_the_zarr_group_is_private(self, tmp_path):
+        store = _committed_store(tmp_path)
+        assert not hasattr(store, "group")
+
+    def test_read_image_and_label_read_one_chunk_of_a_case(self, tmp_path):
+        store = _committed_store(tmp_path)
+        expected = _case(1.0)
+        np.testing.assert_array_equal(store.read_label("a"), expected["label"])
+        assert float(store.read_image("a", "t2w").max()) == 3.0
+        assert float(store.read_image("a", "t1n").max()) == 1.0
+        record = store.committed()["a"]
+        np.testing.assert_array_equal(store.read_image("a", "t2w", record=record),
+                                      store.read_case("a", record=record)["image"][2])
+        assert store.label_scheme == store.to_xarray().attrs["label_scheme"]
+
+    def test_read_image_and_label_refuse_what_is_not_there(self, tmp_path):
+        store = _committed_store(tmp_path)
+        with pytest.raises(ValueError, match=r"channel 'flair' is not one of \['t1n'"):
+            store.read_image("a", "flair")
+        with pytest.raises(KeyError, match=r"case 'b' is not committed"):
+            store.read_label("b")
+
+    def test_a_missing_label_chunk_is_named(self, tmp_path):
+        from pathlib import Path
+
+        from pipeline.store import CaseDamaged
+
+        store = _committed_store(tmp_path)
+        slot = store.committed()["a"].slot
+        Path(store.url, "ds", "label", "c", str(slot), "0", "0", "0").unlink()
+        with pytest.raises(CaseDamaged, match=r"case 'a' .*chunk 'ds/label/c/0/0/0/0' is missing"):
+            store.read_label("a")
+        assert float(store.read_image("a", "t1n").max()) == 1.0  # other chunks still read
+
+    def test_partials_round_trip_and_currency(self, tmp_path):
+        store = _committed_store(tmp_path)
+        assert store.read_partials("a") is None
+        assert not store.partials_current("a", "hash-a", "engine-1")
+        store.write_partials("a", b"\x00blob\xff", content_hash="hash-a", fingerprint="engine-1")
+        again = DatasetStore.open(store.url, "ds")
+        assert again.read_partials("a") == b"\x00blob\xff"
+        assert again.partials_current("a", "hash-a", "engine-1")
+        assert not again.partials_current("a", "hash-b", "engine-1")
+        assert not again.partials_current("a", "hash-a", "engine-2")
+        store.write_partials("a", b"v2", content_hash="hash-b", fingerprint="engine-2")
+        assert again.read_partials("a") == b"v2"
+        assert again.partials_current("a", "hash-b", "engine-2")
+
+    @pytest.mark.parametrize("case_id", ["_odd", "zarr.json", "a/b", "50%"])
+    def test_partials_of_odd_case_ids(self, tmp_path, case_id):
+        store = DatasetStore.create(str(tmp_path / "s.zarr"), "ds", grid=GRID)
+        store.write_partials(case_id, b"x", content_hash="h", fingerprint="f")
+        assert store.read_partials(case_id) == b"x"
+        assert store.partials_current(case_id, "h", "f")
+
+    def test_empty_partials_are_refused(self, tmp_path):
+        store = DatasetStore.create(str(tmp_path / "s.zarr"), "ds", grid=GRID)
+        with pytest.raises(ValueError, match=r"partials of case 'a' are empty"):
+            store.write_partials("a", b"", content_hash="h", fingerprint="f")

@@ -2,9 +2,9 @@
 
 Registered by the main CLI with ``app.command("download")(download)``.
 
-Exit codes: 0 every item downloaded or already complete (and ``--dry-run``); 1 some items
-failed, the others are usable; 2 nothing usable: every item failed, or a usage error, an
-unknown or controlled-access collection, or too little disk space.
+Exit codes (as ``xrai ingest``): 0 every item downloaded or already complete (and
+``--dry-run``); 3 some items failed, the others are usable; 1 nothing usable: every item
+failed, an unknown or controlled-access collection, or too little disk space; 2 usage error.
 """
 
 from __future__ import annotations
@@ -121,14 +121,14 @@ def download(
     collection: Annotated[str, typer.Argument(
         help="Collection name as the archive spells it, e.g. UPENN-GBM, ReMIND, UCSF-PDGM.")],
     dest: Annotated[Path, typer.Option(
-        "--dest", help="Folder to download into (DICOM: DEST/<PatientID>/<SeriesUID>/).")],
+        "--dest", file_okay=False, help="Folder to download into (DICOM: DEST/<PatientID>/<SeriesUID>/).")],
     source: Annotated[Source, typer.Option(
         "--source", help="nbia (TCIA REST API), idc (Imaging Data Commons buckets) or "
                          "http (a checksummed file list).")] = Source.nbia,
     patients: Annotated[list[str] | None, typer.Option(
-        "--patients", help="Only these patients (repeat or comma-separate).")] = None,
+        "--patients", metavar="ID", help="Only these patients (repeat or comma-separate).")] = None,
     modality: Annotated[list[str] | None, typer.Option(
-        "--modality", help="Only series of these modalities, e.g. MR, SEG (DICOM sources).")
+        "--modality", metavar="MODALITY", help="Only series of these modalities, e.g. MR, SEG (DICOM sources).")
     ] = None,
     limit: Annotated[int | None, typer.Option(
         "--limit", min=1, help="At most N patients (the first in ID order).")] = None,

@@ -28,6 +28,7 @@ from pathlib import Path
 from typing import Any, Literal, Protocol
 
 from pipeline.download.errors import ChecksumError, DownloadError, InsufficientSpaceError
+from pipeline.fsio import write_text_atomic
 
 __all__ = [
     "STATE_DIR",
@@ -189,12 +190,9 @@ class StateDir:
         return record if isinstance(record, dict) and record.get("key") == key else None
 
     def write(self, source: str, key: str, record: Mapping[str, Any]) -> None:
-        """Write a completion record atomically (temporary name, then rename)."""
-        path = self._record_path(source, key)
-        path.parent.mkdir(parents=True, exist_ok=True)
-        tmp = path.with_suffix(".json.tmp")
-        tmp.write_text(json.dumps({"key": key, **record}, indent=1, sort_keys=True))
-        os.replace(tmp, path)
+        """Write a completion record atomically (`pipeline.fsio.write_text_atomic`)."""
+        write_text_atomic(self._record_path(source, key),
+                          json.dumps({"key": key, **record}, indent=1, sort_keys=True))
 
     def forget(self, source: str, key: str) -> None:
         """Remove an item's completion record."""

@@ -15,6 +15,7 @@ from typing import Any
 
 import numpy as np
 
+from pipeline.fsio import write_text_atomic
 from pipeline.report import ForestRow, forest_plot
 from stats.paired import PairedComparison, verdict
 
@@ -227,7 +228,7 @@ def write_report(result: Any, path: Path, env: Mapping[str, str]) -> Path:
               "removed in turn, with the other weighting (static ↔ adaptive), and with "
               "identity transforms and the default clip instead of its plan (only when the "
               "plan differs)."]
-    path.write_text("\n".join(lines) + "\n")
+    write_text_atomic(path, "\n".join(lines) + "\n")
     return path
 
 

@@ -43,6 +43,7 @@ from typing import Any
 import numpy as np
 
 from pipeline.evidence.families import FAMILIES, Arm, Family, write_arm
+from pipeline.fsio import write_text_atomic
 from stats.paired import PairedComparison, paired_comparison
 
 __all__ = [
@@ -167,10 +168,10 @@ def prepare_arm(root: Path, family: Family, arm: Arm, scale: StudyScale, *,
     """Write the arm's phantom and ingest it (skipped when the store already holds every
     case), then measure it and build its manifest."""
     from pipeline.ingest import ingest
+    from pipeline.manifest_io import load_manifest, load_stats, write_manifest
     from pipeline.stats_runner import run_stats
     from pipeline.store import DatasetStore, Grid
-    from stats.manifest import build_manifest, load_manifest, write_manifest
-    from stats.summary import DatasetStats
+    from stats.manifest import build_manifest
 
     folder = root / f"{family.name}-{arm.name}"
     store = str(folder / "store.zarr")
@@ -194,9 +195,9 @@ def prepare_arm(root: Path, family: Family, arm: Arm, scale: StudyScale, *,
     # Statistics (incremental: persisted per-case partials are reused) and the manifest
     # are rebuilt on every run, so a change of the rules is always seen.
     stats = run_stats(store, DATASET, scheduler="synchronous")
-    stats_path.write_text(stats.model_dump_json(indent=1))
+    write_text_atomic(stats_path, stats.model_dump_json(indent=1))
     write_manifest(build_manifest(stats, seed=seed), manifest_path)
-    stats = DatasetStats.model_validate_json(stats_path.read_text())
+    stats = load_stats(stats_path)
     manifest = load_manifest(manifest_path)
     return ArmData(family.name, arm.name, store, stats_path, manifest_path, manifest, stats,
                    tuple(stats.cases))
@@ -530,8 +531,9 @@ def run_study(out_dir: Path, scale: StudyScale, *, report: Path | None = None,
             train_arm(data, scale, out_dir, result, progress)
     result.seconds = time.perf_counter() - t0
     raw = out_dir / "per_case.json"
-    raw.write_text(json.dumps({"per_case": result.per_case, "decisions": result.decisions,
-                               "failures": result.failures}, indent=1, default=str))
+    write_text_atomic(raw, json.dumps({"per_case": result.per_case,
+                                       "decisions": result.decisions,
+                                       "failures": result.failures}, indent=1, default=str))
     write_report(result, report or out_dir / "evidence.md", environment())
     return result
 

@@ -50,7 +50,6 @@ from __future__ import annotations
 import gzip
 import itertools
 import math
-import os
 from collections.abc import Iterator, Mapping, Sequence
 from dataclasses import dataclass
 from pathlib import Path
@@ -61,6 +60,7 @@ import numpy as np
 from numpy.typing import NDArray
 from scipy import ndimage
 
+from pipeline.fsio import write_bytes_atomic
 from pipeline.sources.base import CHANNELS, LABEL_SCHEME
 
 Orientation = Literal["RAS", "LPS"]
@@ -605,6 +605,50 @@ def phantom_case(rng_or_seed: SeedLike, shape: Sequence[int] = DEFAULT_SHAPE,
     shape = _check_shape(shape)
     spacing = _check_spacing(spacing)
     options = _check_options(options)
+    _check_case(shape, orientation, noise, bias, tumour_volume_ml)
+    anatomy_rng, tumour_rng, contrast_rng, bias_rng, noise_rng, volume_rng = _streams(
+        rng_or_seed)
+    frame = _Frame.of(shape, spacing)
+    anatomy = _anatomy(anatomy_rng, frame)
+    if tumour_volume_ml is None:
+        tumour_volume_ml = _draw_tumour_volume(volume_rng, shape, options)
+    label, centre_rel = _tumour(tumour_rng, frame.lattice, anatomy.d_coarse, frame.axes,
+                                frame.u, spacing, anatomy.brain, float(tumour_volume_ml),
+                                options.tumour_shape)
+    images = _intensities(contrast_rng, bias_rng, noise_rng, frame, anatomy, label,
+                          noise=noise, bias=bias, options=options)
+    stored = _orient(frame, anatomy, images, label, orientation)
+    voxel_ml = float(np.prod(np.asarray(spacing))) / 1000.0
+    return PhantomCase(
+        images=stored.images,
+        label=stored.label,
+        tissue=stored.tissue,
+        affine=stored.affine,
+        spacing=spacing,
+        orientation=orientation,
+        tumour_volume_ml=float((label > 0).sum()) * voxel_ml,
+        tumour_centre_mm=tuple(float(v) for v in anatomy.head_centre + centre_rel),
+        brain_volume_ml=anatomy.n_brain * voxel_ml,
+        noise_sigma=images.noise_sigma,
+        intensity_scale=float(options.intensity_scale),
+    )
+
+
+# --------------------------------------------------------------------------- internals
+
+
+# -- the sections of phantom_case
+
+
+def _check_case(shape: tuple[int, int, int], orientation: Orientation, noise: float,
+                bias: float, tumour_volume_ml: float | None) -> None:
+    """Validate `phantom_case`'s orientation, noise, bias and target volume.
+
+    Raises
+    ------
+    ValueError
+        If one is out of range; the message names it and the accepted range.
+    """
     if orientation not in ORIENTATIONS:
         raise ValueError(f"orientation must be one of {ORIENTATIONS}, got {orientation!r}")
     if not (math.isfinite(noise) and noise >= 0):
@@ -617,28 +661,98 @@ def phantom_case(rng_or_seed: SeedLike, shape: Sequence[int] = DEFAULT_SHAPE,
             f"tumour_volume_ml must lie in [{MIN_TUMOUR_ML}, {cap:.4g}] mL for shape "
             f"{shape!r}, got {tumour_volume_ml!r}"
         )
-    anatomy_rng, tumour_rng, contrast_rng, bias_rng, noise_rng, volume_rng = _streams(
-        rng_or_seed)
 
-    fov = np.asarray(shape, dtype=np.float64)
-    axes = np.asarray(_semi_axes(shape))
-    grid = tuple(int(np.rint(n / s)) for n, s in zip(fov, spacing, strict=True))
-    # voxel centres relative to the head centre (mm), canonical RAS index order
-    u_full = tuple(((np.arange(n) - (n - 1) / 2.0) * s) for n, s in zip(grid, spacing, strict=True))
-    # the brain (r (1 + d) < 1 with d >= -0.1) lies in this box: work there, embed at the end
-    inner = _box(u_full, np.zeros(3), axes / 0.9 + 3.0 * np.asarray(spacing))
-    u = tuple(ui[b] for ui, b in zip(u_full, inner, strict=True))
-    sub = tuple(ui.size for ui in u)
-    step = min(2.5, float(axes.min()) / 10.0)
-    lattice = _Lattice.around(fov, step)
 
-    # ---- anatomy (world space)
-    head_centre = anatomy_rng.uniform((-4.0, -24.0, 4.0), (4.0, -12.0, 16.0))
-    deform = _Waves.draw(anatomy_rng, 8, 1.0, 3.0, scale=axes)
-    fold = _Waves.draw(anatomy_rng, 10, 2 * math.pi / 24.0, 2 * math.pi / 14.0)
-    sulci = _Waves.draw(anatomy_rng, 10, 2 * math.pi / 18.0, 2 * math.pi / 10.0)
-    ventricle_scale = anatomy_rng.uniform(0.85, 1.2, 3)
-    nuclei_scale = anatomy_rng.uniform(0.9, 1.1, 3)
+@dataclass(frozen=True)
+class _Frame:
+    """The voxel grid of a case and the box around the brain where the work is done.
+
+    Attributes
+    ----------
+    spacing : tuple of float
+        Voxel size (mm).
+    axes : ndarray, shape (3,)
+        Brain semi-axes (mm).
+    grid : tuple of int
+        Voxels of the whole field of view, ``round(shape / spacing)``.
+    inner : tuple of slice
+        The box of `grid` that holds the brain (r (1 + d) < 1 with d >= -0.1).
+    u : tuple of ndarray
+        Voxel centres of the box along each axis, mm from the head centre (RAS order).
+    lattice : _Lattice
+        World-space lattice (step <= 2.5 mm) for the smooth fields.
+    """
+
+    spacing: tuple[float, float, float]
+    axes: NDArray[np.float64]
+    grid: tuple[int, ...]
+    inner: tuple[slice, slice, slice]
+    u: tuple[NDArray[np.float64], ...]
+    lattice: _Lattice
+
+    @classmethod
+    def of(cls, shape: tuple[int, int, int], spacing: tuple[float, float, float]) -> _Frame:
+        """The frame of a field of view `shape` (mm) sampled at `spacing` (mm)."""
+        fov = np.asarray(shape, dtype=np.float64)
+        axes = np.asarray(_semi_axes(shape))
+        grid = tuple(int(np.rint(n / s)) for n, s in zip(fov, spacing, strict=True))
+        # voxel centres relative to the head centre (mm), canonical RAS index order
+        u_full = tuple(((np.arange(n) - (n - 1) / 2.0) * s)
+                       for n, s in zip(grid, spacing, strict=True))
+        # the brain (r (1 + d) < 1 with d >= -0.1) lies in this box: work there, embed at the end
+        inner = _box(u_full, np.zeros(3), axes / 0.9 + 3.0 * np.asarray(spacing))
+        u = tuple(ui[b] for ui, b in zip(u_full, inner, strict=True))
+        step = min(2.5, float(axes.min()) / 10.0)
+        return cls(spacing, axes, grid, inner, u, _Lattice.around(fov, step))
+
+
+@dataclass(frozen=True)
+class _Anatomy:
+    """The healthy head, on the frame's box.
+
+    Attributes
+    ----------
+    head_centre : ndarray, shape (3,)
+        World position (RAS+ mm) of the head centre.
+    d_coarse : ndarray
+        The brain's deformation field d on the lattice (clipped to [-0.1, 0.1]).
+    brain : ndarray of bool
+        The brain mask, r (1 + d) < 1.
+    tissue : ndarray of uint8
+        Healthy tissue codes (`TISSUES`).
+    """
+
+    head_centre: NDArray[np.float64]
+    d_coarse: NDArray[np.float64]
+    brain: NDArray[np.bool_]
+    tissue: NDArray[np.uint8]
+
+    @property
+    def n_brain(self) -> int:
+        """Number of brain voxels."""
+        return int(self.brain.sum())
+
+
+def _anatomy(rng: np.random.Generator, frame: _Frame) -> _Anatomy:
+    """Draw the head: deformed brain, CSF rim, folded cortex, sulci, nuclei, ventricles.
+
+    Parameters
+    ----------
+    rng : numpy.random.Generator
+        The anatomy stream (all its draws are made here, first of all).
+    frame : _Frame
+
+    Returns
+    -------
+    _Anatomy
+    """
+    axes, u, lattice = frame.axes, frame.u, frame.lattice
+    head_centre = rng.uniform((-4.0, -24.0, 4.0), (4.0, -12.0, 16.0))
+    deform = _Waves.draw(rng, 8, 1.0, 3.0, scale=axes)
+    fold = _Waves.draw(rng, 10, 2 * math.pi / 24.0, 2 * math.pi / 14.0)
+    sulci = _Waves.draw(rng, 10, 2 * math.pi / 18.0, 2 * math.pi / 10.0)
+    ventricle_scale = rng.uniform(0.85, 1.2, 3)
+    nuclei_scale = rng.uniform(0.9, 1.1, 3)
 
     d_coarse = np.clip(0.04 * lattice.evaluate(deform), -0.1, 0.1)
     d = lattice.interpolate(d_coarse, u)
@@ -649,7 +763,7 @@ def phantom_case(rng_or_seed: SeedLike, shape: Sequence[int] = DEFAULT_SHAPE,
     w_csf = min(max(0.04, 2.0 / mean_axis), 0.12)
     w_gm = min(max(0.10, 4.0 / mean_axis), 0.25)
     fold_f = lattice.interpolate(lattice.evaluate(fold), u)
-    tissue = np.zeros(sub, dtype=np.uint8)
+    tissue = np.zeros(tuple(ui.size for ui in u), dtype=np.uint8)
     tissue[brain] = 3
     tissue[brain & (r >= 1.0 - w_csf - w_gm * (1.0 + 0.4 * np.clip(fold_f, -1.5, 1.5)))] = 2
     del fold_f
@@ -663,28 +777,84 @@ def phantom_case(rng_or_seed: SeedLike, shape: Sequence[int] = DEFAULT_SHAPE,
     for side in (-1.0, 1.0):
         centre = axes * (0.11 * side, 0.05, 0.12)
         _paint_ellipsoid(tissue, brain, u, centre, axes * (0.07, 0.32, 0.13) * ventricle_scale, 1)
-    del r, d
+    return _Anatomy(head_centre, d_coarse, brain, tissue)
 
-    # ---- tumour
-    if tumour_volume_ml is None:
-        draw = math.exp(volume_rng.normal(math.log(options.volume_median_fraction),
-                                          options.volume_sigma))
-        tumour_volume_ml = float(np.clip(draw * brain_volume_ml(shape), MIN_TUMOUR_ML, cap))
-    label, centre_rel = _tumour(tumour_rng, lattice, d_coarse, axes, u, spacing, brain,
-                                float(tumour_volume_ml), options.tumour_shape)
 
-    # ---- intensities
+def _draw_tumour_volume(rng: np.random.Generator, shape: tuple[int, int, int],
+                        options: PhantomOptions) -> float:
+    """One log-normal whole-tumour volume (mL), as in `tumour_volumes_ml` without extremes.
+
+    Parameters
+    ----------
+    rng : numpy.random.Generator
+        The volume stream (one normal draw).
+    shape : tuple of 3 int
+    options : PhantomOptions
+        Its ``volume_median_fraction`` and ``volume_sigma``.
+
+    Returns
+    -------
+    float
+        Clipped to [`MIN_TUMOUR_ML`, `max_tumour_ml`].
+    """
+    draw = math.exp(rng.normal(math.log(options.volume_median_fraction), options.volume_sigma))
+    return float(np.clip(draw * brain_volume_ml(shape), MIN_TUMOUR_ML, max_tumour_ml(shape)))
+
+
+@dataclass(frozen=True)
+class _Images:
+    """The images of each channel (RAS, whole grid) and each channel's noise sigma.
+
+    Attributes
+    ----------
+    images : mapping of str to ndarray
+        Channel name to an int16 image of the frame's grid, 0 outside the brain.
+    noise_sigma : mapping of str to float
+        Standard deviation of the channel's complex Gaussian noise.
+    """
+
+    images: Mapping[str, NDArray[np.int16]]
+    noise_sigma: Mapping[str, float]
+
+
+def _intensities(contrast_rng: np.random.Generator, bias_rng: np.random.Generator,
+                 noise_rng: np.random.Generator, frame: _Frame, anatomy: _Anatomy,
+                 label: NDArray[np.uint8], *, noise: float, bias: float,
+                 options: PhantomOptions) -> _Images:
+    """Per-channel contrast, partial-volume blur, bias field, Rician noise and speckle.
+
+    Parameters
+    ----------
+    contrast_rng, bias_rng, noise_rng : numpy.random.Generator
+        The case's contrast, bias and noise streams (the speckle stream is spawned from
+        the noise stream for a "heavy" tail).
+    frame : _Frame
+    anatomy : _Anatomy
+    label : ndarray of uint8
+        Tumour labels on the frame's box.
+    noise, bias : float
+        As in `phantom_case`.
+    options : PhantomOptions
+        Its ``intensity_tail``.
+
+    Returns
+    -------
+    _Images
+        Inside the brain rounded and clipped to [1, 32767].
+    """
+    lattice = frame.lattice
     gain = 1000.0 * contrast_rng.uniform(0.8, 1.25)
     channel_gain = contrast_rng.uniform(0.9, 1.1, len(CHANNELS))
     contrast = _CONTRAST * contrast_rng.uniform(0.96, 1.04, _CONTRAST.shape)
-    common_bias = _Waves.draw(bias_rng, 6, 0.5, 2.0, scale=axes)
-    own_bias = [_Waves.draw(bias_rng, 6, 0.5, 2.0, scale=axes) for _ in CHANNELS]
+    common_bias = _Waves.draw(bias_rng, 6, 0.5, 2.0, scale=frame.axes)
+    own_bias = [_Waves.draw(bias_rng, 6, 0.5, 2.0, scale=frame.axes) for _ in CHANNELS]
     common_log_bias = lattice.evaluate(common_bias)
-    classes = tissue.copy()
+    classes = anatomy.tissue.copy()
     tumour = label > 0
     classes[tumour] = label[tumour] + 3
-    sigma_vox = tuple(_PV_SIGMA_MM / s for s in spacing)
-    n_brain = int(brain.sum())
+    sigma_vox = tuple(_PV_SIGMA_MM / s for s in frame.spacing)
+    brain = anatomy.brain
+    n_brain = anatomy.n_brain
     images: dict[str, NDArray[np.int16]] = {}
     noise_sigma: dict[str, float] = {}
     # spawning leaves noise_rng's own draws unchanged
@@ -695,7 +865,7 @@ def phantom_case(rng_or_seed: SeedLike, shape: Sequence[int] = DEFAULT_SHAPE,
         table[0] = 0.0
         clean = ndimage.gaussian_filter(table[classes], sigma_vox, truncate=3.0)
         log_bias = 0.8 * common_log_bias + 0.6 * lattice.evaluate(own_bias[c])
-        field = np.exp(lattice.interpolate(np.clip(0.1 * bias * log_bias, -0.3, 0.3), u))
+        field = np.exp(lattice.interpolate(np.clip(0.1 * bias * log_bias, -0.3, 0.3), frame.u))
         signal = clean[brain] * field[brain]
         del clean, field
         sigma = float(noise * reference)
@@ -705,21 +875,54 @@ def phantom_case(rng_or_seed: SeedLike, shape: Sequence[int] = DEFAULT_SHAPE,
             noise_rng.standard_normal((2, n_brain), dtype=np.float32)
         if speckle_rng is not None:
             signal = bright_speckle(signal, speckle_rng)
-        out = np.zeros(grid, dtype=IMAGE_DTYPE)
-        out[inner][brain] = np.clip(np.rint(signal), 1, np.iinfo(IMAGE_DTYPE).max)
+        out = np.zeros(frame.grid, dtype=IMAGE_DTYPE)
+        out[frame.inner][brain] = np.clip(np.rint(signal), 1, np.iinfo(IMAGE_DTYPE).max)
         images[channel] = out
         noise_sigma[channel] = sigma
+    return _Images(images, noise_sigma)
 
-    # ---- geometry
-    spacing_arr = np.asarray(spacing)
-    origin = head_centre - spacing_arr * (np.asarray(grid) - 1) / 2.0
+
+@dataclass(frozen=True)
+class _Stored:
+    """A case's arrays in the stored orientation (read-only) and its affine."""
+
+    affine: NDArray[np.float64]
+    images: Mapping[str, NDArray[np.int16]]
+    label: NDArray[np.uint8]
+    tissue: NDArray[np.uint8]
+
+
+def _orient(frame: _Frame, anatomy: _Anatomy, images: _Images, label: NDArray[np.uint8],
+            orientation: Orientation) -> _Stored:
+    """Embed label and tissue in the grid, build the affine and flip for LPS.
+
+    Parameters
+    ----------
+    frame : _Frame
+    anatomy : _Anatomy
+        Its head centre places the grid in the world and its tissue is stored.
+    images : _Images
+        Whole-grid RAS images.
+    label : ndarray of uint8
+        Tumour labels on the frame's box.
+    orientation : {"RAS", "LPS"}
+        "LPS" flips the arrays along their first two axes and the affine to match.
+
+    Returns
+    -------
+    _Stored
+        Contiguous, read-only arrays and a read-only affine (voxel index to RAS+ mm).
+    """
+    grid = frame.grid
+    spacing_arr = np.asarray(frame.spacing)
+    origin = anatomy.head_centre - spacing_arr * (np.asarray(grid) - 1) / 2.0
     affine = np.eye(4)
     affine[:3, :3] = np.diag(spacing_arr)
     affine[:3, 3] = origin
-    arrays: dict[str, NDArray] = dict(images)
-    for name, part in (("label", label), ("tissue", tissue)):
+    arrays: dict[str, NDArray] = dict(images.images)
+    for name, part in (("label", label), ("tissue", anatomy.tissue)):
         arrays[name] = np.zeros(grid, dtype=np.uint8)
-        arrays[name][inner] = part
+        arrays[name][frame.inner] = part
     if orientation == "LPS":
         flip = np.diag([-1.0, -1.0, 1.0, 1.0])
         shift = np.eye(4)
@@ -729,23 +932,8 @@ def phantom_case(rng_or_seed: SeedLike, shape: Sequence[int] = DEFAULT_SHAPE,
     for value in arrays.values():
         value.flags.writeable = False
     affine.flags.writeable = False
-    voxel_ml = float(np.prod(spacing_arr)) / 1000.0
-    return PhantomCase(
-        images={ch: arrays[ch] for ch in CHANNELS},
-        label=arrays["label"],
-        tissue=arrays["tissue"],
-        affine=affine,
-        spacing=spacing,
-        orientation=orientation,
-        tumour_volume_ml=float((label > 0).sum()) * voxel_ml,
-        tumour_centre_mm=tuple(float(v) for v in head_centre + centre_rel),
-        brain_volume_ml=n_brain * voxel_ml,
-        noise_sigma=noise_sigma,
-        intensity_scale=float(options.intensity_scale),
-    )
-
-
-# --------------------------------------------------------------------------- internals
+    return _Stored(affine, {ch: arrays[ch] for ch in CHANNELS}, arrays["label"],
+                   arrays["tissue"])
 
 
 def _check_cases(cases: int) -> int:
@@ -1145,7 +1333,7 @@ def _focus_label(focus: _Focus, u: tuple[NDArray[np.float64], ...],
 
 def _write_nifti(path: Path, array: NDArray, affine: NDArray[np.float64], *,
                  slope: float | None = None) -> None:
-    """Write one volume atomically: hidden temporary name in the same folder, then rename.
+    """Write one volume atomically (`pipeline.fsio.write_bytes_atomic`).
 
     With `slope`, the stored values are `array` unchanged and the header's scl_slope is
     `slope` (scl_inter 0); nibabel keeps a header scaling that is set when it writes.
@@ -1157,17 +1345,7 @@ def _write_nifti(path: Path, array: NDArray, affine: NDArray[np.float64], *,
     image.set_qform(affine, code=1)
     image.set_sform(affine, code=1)
     image.header.set_xyzt_units("mm")
-    payload = gzip.compress(image.to_bytes(), compresslevel=1, mtime=0)
-    tmp = path.with_name(f".{path.name}.{os.getpid()}.tmp")
-    try:
-        with open(tmp, "wb") as fh:
-            fh.write(payload)
-            fh.flush()
-            os.fsync(fh.fileno())
-        os.replace(tmp, path)
-    except BaseException:
-        tmp.unlink(missing_ok=True)
-        raise
+    write_bytes_atomic(path, gzip.compress(image.to_bytes(), compresslevel=1, mtime=0))
 
 
 def iter_phantom(cases: int = 8, seed: int = 0, shape: Sequence[int] = DEFAULT_SHAPE, *,

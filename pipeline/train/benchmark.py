@@ -47,6 +47,8 @@ from typing import Any
 import numpy as np
 
 from pipeline.errors import ManifestError
+from pipeline.fsio import open_atomic, write_text_atomic
+from pipeline.report import save_figure
 from pipeline.store import DatasetStore
 from pipeline.train.loop import (
     FoldResult,
@@ -112,12 +114,33 @@ def resolve_loss_specs(names: Sequence[str], manifest_spec: Mapping[str, Any] | 
     return specs
 
 
-def load_training_manifest(path: str | Path, channels: Sequence[str], *,
-                           manifest: Any = None
-                           ) -> tuple[Any, dict[str, Any], NormalizationPlan]:
-    """Load and check a manifest for training: ``(manifest, loss_spec, plan)``.
+@dataclass(frozen=True)
+class TrainingManifest:
+    """A manifest checked for training, parsed once.
 
-    The check is ``stats.manifest.load_manifest``, the same as ``xrai manifest validate``'s
+    Attributes
+    ----------
+    path : str
+        The file it came from (named in every later error).
+    manifest : stats.manifest.Manifest
+        The validated document.
+    loss_spec : dict
+        Its loss, as `build_loss` takes it (built once to check it).
+    plan : NormalizationPlan
+        Its normalization, in the store's channel order.
+    """
+
+    path: str
+    manifest: Any
+    loss_spec: dict[str, Any]
+    plan: NormalizationPlan
+
+
+def load_training_manifest(path: str | Path, channels: Sequence[str], *,
+                           manifest: Any = None) -> TrainingManifest:
+    """Load and check a manifest for training (see `TrainingManifest`).
+
+    The check is ``pipeline.manifest_io.load_manifest``, the same as ``xrai manifest validate``'s
     (schema, non-finite numbers, every loss and weighting parameter against what the
     constructors here accept); then the loss is built and the normalization plan matched
     to the store's channels.
@@ -140,21 +163,17 @@ def load_training_manifest(path: str | Path, channels: Sequence[str], *,
         the field ``loss.terms[i]``), or its normalization plan lacks a store channel;
         every message names the file and the field.
     """
-    from stats.manifest import ManifestError as StatsManifestError
-    from stats.manifest import load_manifest
+    from pipeline.manifest_io import load_manifest
 
     if manifest is None:
-        try:
-            manifest = load_manifest(path)
-        except StatsManifestError as err:
-            raise ManifestError(str(err)) from err
+        manifest = load_manifest(path)
     spec = manifest.loss_spec()
     try:
         build_loss(spec)
     except ValueError as err:
         raise ManifestError(f"{path}: field loss.{err}") from err
     plan = NormalizationPlan.from_manifest(manifest, channels, source=str(path))
-    return manifest, spec, plan
+    return TrainingManifest(path=str(path), manifest=manifest, loss_spec=spec, plan=plan)
 
 
 @dataclass(frozen=True)
@@ -442,8 +461,8 @@ def write_paired(out_dir: Path, rows: Sequence[PairedRow]) -> None:
     if not rows:
         return
     out_dir = Path(out_dir)
-    (out_dir / "paired.md").write_text(paired_markdown(rows))
-    (out_dir / "paired.json").write_text(json.dumps(
+    write_text_atomic(out_dir / "paired.md", paired_markdown(rows))
+    write_text_atomic(out_dir / "paired.json", json.dumps(
         {"reference": rows[0].loss, "min_pairs": MIN_PAIRS, "caveat": paired_caveat(rows),
          "rows": [r.to_dict() for r in rows]}, indent=1, allow_nan=True))
     dice = [r for r in rows if r.metric == "dice"]
@@ -459,11 +478,12 @@ def write_paired(out_dir: Path, rows: Sequence[PairedRow]) -> None:
 
 
 def _write_rows(path: Path, rows: Sequence[Mapping[str, Any]]) -> None:
-    path.with_suffix(".json").write_text(json.dumps(list(rows), indent=1, allow_nan=True))
+    write_text_atomic(path.with_suffix(".json"), json.dumps(list(rows), indent=1,
+                                                            allow_nan=True))
     if not rows:
-        path.write_text("")
+        write_text_atomic(path, "")
         return
-    with path.open("w", newline="") as fh:
+    with open_atomic(path, "w", newline="") as fh:
         writer = csv.DictWriter(fh, fieldnames=list(rows[0]))
         writer.writeheader()
         writer.writerows(rows)
@@ -521,7 +541,7 @@ def run_benchmark(store_url: str, dataset: str, losses: Sequence[str], *,
         "packages": _versions(), "created_at": datetime.now(timezone.utc).isoformat(),
         "registry": sorted(LOSSES),
     }
-    (out_dir / "config.json").write_text(json.dumps(config, indent=1))
+    write_text_atomic(out_dir / "config.json", json.dumps(config, indent=1))
     spacing_zyx = tuple(float(s) for s in store.grid.spacing[::-1])
     channels = list(store.channels)
     overlay_channel = channels.index("t2f") if "t2f" in channels else 0
@@ -546,12 +566,12 @@ def run_benchmark(store_url: str, dataset: str, losses: Sequence[str], *,
     summary = summarize(per_fold, list(specs))
     _write_rows(out_dir / "metrics_per_case.csv", per_case)
     _write_rows(out_dir / "metrics_per_fold.csv", per_fold)
-    (out_dir / "summary.json").write_text(json.dumps(
+    write_text_atomic(out_dir / "summary.json", json.dumps(
         {"summary": summary, "failures": failures}, indent=1, allow_nan=True))
     note = ("\nMean ± sample std over folds of the per-fold means; ratios in %, distances "
             "in mm (HD95, HD over cases where both masks are non-empty).\n")
     fail = "".join(f"\n- {k} failed: {v}" for k, v in failures.items())
-    (out_dir / "summary.md").write_text(summary_markdown(summary) + note + fail + "\n")
+    write_text_atomic(out_dir / "summary.md", summary_markdown(summary) + note + fail + "\n")
     names = list(specs)
     paired: list[PairedRow] = []
     if len(names) >= 2 and any(r["loss"] == names[0] for r in per_case):
@@ -597,7 +617,7 @@ def plot_curves(results: Sequence[FoldResult], path: Path) -> Path | None:
     axes[1, 0].set_ylabel("validation Dice")
     axes[0, 0].legend(fontsize=7)
     fig.tight_layout()
-    fig.savefig(path, dpi=100)
+    save_figure(fig, path, dpi=100)
     plt.close(fig)
     return path
 
@@ -627,7 +647,7 @@ def plot_adaptive(results: Sequence[FoldResult], path: Path) -> Path | None:
         if ax.lines:
             ax.legend(fontsize=6)
     fig.tight_layout()
-    fig.savefig(path, dpi=100)
+    save_figure(fig, path, dpi=100)
     plt.close(fig)
     return path
 
@@ -663,7 +683,7 @@ def plot_overlays(results: Sequence[FoldResult], path: Path, max_cases: int = 3)
                            colors="red", linewidths=0.8)
             ax.set_title(f"{loss}\n{cid}", fontsize=7)
     fig.tight_layout()
-    fig.savefig(path, dpi=100)
+    save_figure(fig, path, dpi=100)
     plt.close(fig)
     return path
 

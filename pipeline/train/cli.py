@@ -11,14 +11,16 @@ import sys
 import time
 from collections.abc import Sequence
 from pathlib import Path
-from typing import Annotated, Any
+from typing import Annotated, Any, Literal
 
 import typer
+from pydantic import ValidationError
 from rich.console import Console
 from rich.markup import escape
 from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn
 from rich.table import Table
 
+from pipeline.cli_checks import check_dataset_name, check_device, check_store, people
 from pipeline.errors import XraiError
 from pipeline.store import DatasetStore
 from pipeline.train.benchmark import (
@@ -30,10 +32,17 @@ from pipeline.train.benchmark import (
     format_p,
     load_training_manifest,
     paired_caveat,
-    run_benchmark,
 )
-from pipeline.train.data import SamplingConfig
-from pipeline.train.loop import TrainConfig, amp_mode, select_device
+from pipeline.train.loop import amp_mode, select_device
+from pipeline.train.options import (
+    AFFINE_PROB,
+    DEFAULT_LOSSES,
+    DEFAULT_PATCH_SIZE,
+    TrainOptions,
+    check_loss_names,
+    known_loss_names,
+    run_training,
+)
 
 console = Console(width=None if sys.stdout.isatty() else 120)
 err_console = Console(stderr=True, soft_wrap=True)
@@ -90,37 +99,71 @@ def _progress() -> Progress:
                     disable=not err_console.is_terminal and "XRAI_PROGRESS" not in os.environ)
 
 
+def _check_losses(value: str) -> str:
+    """``--losses``: comma-separated names, each ``manifest`` or a registry name."""
+    try:
+        check_loss_names(value.split(","))
+    except ValueError as err:
+        raise typer.BadParameter(str(err)) from err
+    return value
+
+
+def _check_patch_size(value: tuple[int, int, int] | None) -> tuple[int, int, int] | None:
+    if value is not None and any(s < 1 for s in value):
+        raise typer.BadParameter(f"a patch is three positive voxel counts, got {people(value)}")
+    return value
+
+
+#: Options of `train` that name the run's inputs and outputs, not how it trains; every
+#: other option is a field of `TrainOptions` (tests/flows/test_train_options.py checks this).
+RUN_PARAMETERS = ("manifest", "store", "out", "dataset")
+
+
 def train(
-    manifest: Annotated[Path, typer.Option(help="Loss manifest (JSON) from `xrai manifest`.")],
-    store: Annotated[str, typer.Option(help="Zarr store path or fsspec URL.")],
-    out: Annotated[Path, typer.Option(help="Run directory for results and checkpoints.")],
+    manifest: Annotated[Path, typer.Option(
+        exists=True, dir_okay=False, help="Loss manifest (JSON) from `xrai manifest`.")],
+    store: Annotated[str, typer.Option(help="Zarr store path or fsspec URL.",
+                                       callback=check_store)],
+    out: Annotated[Path, typer.Option(
+        file_okay=False, help="Run directory for results and checkpoints.")],
     dataset: Annotated[str | None, typer.Option(
-        help="Dataset in the store; default: the manifest's dataset.")] = None,
+        help="Dataset in the store; default: the manifest's dataset.",
+        callback=check_dataset_name)] = None,
     losses: Annotated[str, typer.Option(
-        help="Comma-separated registry names; 'manifest' is the manifest's loss.")
-    ] = "manifest,bce,dice,focal",
-    folds: Annotated[int, typer.Option(min=2, help="k of k-fold cross-validation.")] = 3,
+        help="Comma-separated loss names: 'manifest' (the manifest's loss) or registry names "
+             "(" + ", ".join(n for n in known_loss_names() if n != "manifest") + ").",
+        callback=_check_losses)] = ",".join(DEFAULT_LOSSES),
+    folds: Annotated[int, typer.Option(
+        min=2, help="k of k-fold cross-validation (at most the number of cases).")] = 3,
     epochs: Annotated[int, typer.Option(min=1, help="Epochs per fold.")] = 10,
-    dim: Annotated[str, typer.Option(help="2d (axial slices) or 3d (patches).")] = "2d",
-    device: Annotated[str, typer.Option(help="auto, cpu, cuda or cuda:N.")] = "auto",
-    amp: Annotated[str, typer.Option(help="Mixed precision on CUDA: auto, bf16, fp16, off.")
-    ] = "auto",
-    target: Annotated[str, typer.Option(help="wt (whole tumour, sigmoid) or multiclass.")
-    ] = "wt",
-    batch_size: Annotated[int, typer.Option(min=1)] = 8,
-    batches_per_epoch: Annotated[int, typer.Option(min=1)] = 25,
-    lr: Annotated[float, typer.Option(help="Initial AdamW learning rate (PolyLR, p=0.9).")
-    ] = 1e-3,
+    dim: Annotated[Literal["2d", "3d"], typer.Option(
+        help="2d (axial slices) or 3d (patches).")] = "2d",
+    device: Annotated[str, typer.Option(
+        help="auto (CUDA when present, else CPU), cpu, cuda or cuda:N.",
+        callback=check_device)] = "auto",
+    amp: Annotated[Literal["auto", "bf16", "fp16", "off"], typer.Option(
+        help="Mixed precision on CUDA (auto: bf16 where supported, else fp16).")] = "auto",
+    target: Annotated[Literal["wt", "multiclass"], typer.Option(
+        help="wt (whole tumour, sigmoid) or multiclass (NCR, ED, ET).")] = "wt",
+    batch_size: Annotated[int, typer.Option(min=1, help="Samples per training batch.")] = 8,
+    batches_per_epoch: Annotated[int, typer.Option(
+        min=1, help="Training batches per epoch.")] = 25,
+    lr: Annotated[float, typer.Option(
+        help="Initial AdamW learning rate, > 0 (PolyLR, p=0.9).")] = 1e-3,
     val_every: Annotated[int, typer.Option(min=1, help="Validate every m epochs.")] = 5,
     features: Annotated[int, typer.Option(min=1, help="U-Net features at level 1.")] = 16,
     levels: Annotated[int, typer.Option(min=3, help="U-Net resolution levels.")] = 3,
     patch_size: Annotated[tuple[int, int, int] | None, typer.Option(
-        help="3d patch Z Y X (default 64 64 64); ignored in 2d.")] = None,
+        help=f"3d patch Z Y X (default {people(DEFAULT_PATCH_SIZE)}); ignored in 2d.",
+        callback=_check_patch_size)] = None,
     fg_fraction: Annotated[float, typer.Option(
-        min=0.0, max=1.0, help="Fraction of samples centred on tumour.")] = 1.0 / 3.0,
-    affine: Annotated[bool, typer.Option(help="Add affine augmentation (p = 0.3).")] = False,
+        min=0.0, max=1.0, show_default="1/3",
+        help="Fraction of samples centred on tumour.")] = 1.0 / 3.0,
+    affine: Annotated[bool, typer.Option(
+        help=f"Add affine augmentation (p = {AFFINE_PROB:g}).")] = False,
     workers: Annotated[int, typer.Option(min=0, help="Data-loader worker processes.")] = 2,
-    seed: Annotated[int, typer.Option(help="Seed of the split, sampling and weights.")] = 0,
+    seed: Annotated[int, typer.Option(
+        min=0, help="Seed of the split, sampling and weights.")] = 0,
     resume: Annotated[bool, typer.Option(help="Continue from checkpoints in --out.")] = True,
 ) -> None:
     """Train every named loss under the same k-fold protocol and print the summary table.
@@ -129,35 +172,46 @@ def train(
     summary.md/.json, paired.md/.json and paired_dice.png (the first loss against each
     other one, paired by validation case), curves.png, adaptive.png, overlays.png, and per
     loss and fold a checkpoint (last.pt) that --resume continues from.
+
+    Exit codes: 0 every loss and fold trained; 3 some folds failed (listed), the rest
+    reported; 1 an invalid manifest or store; 2 usage error.
     """
     try:
-        if dim not in ("2d", "3d"):
-            raise ValueError(f"--dim must be 2d or 3d, got {dim!r}")
-        if dim == "3d":
-            sampling = SamplingConfig(dim="3d", patch_size=tuple(patch_size or (64, 64, 64)),
-                                      fg_fraction=fg_fraction, affine_prob=0.3 if affine else 0.0)
-        else:
-            sampling = SamplingConfig(dim="2d", fg_fraction=fg_fraction,
-                                      affine_prob=0.3 if affine else 0.0)
-        cfg = TrainConfig(sampling=sampling, target=target, epochs=epochs,  # type: ignore[arg-type]
-                          batch_size=batch_size, batches_per_epoch=batches_per_epoch, lr=lr,
-                          val_every=val_every, features=features, levels=levels,
-                          workers=workers, device=device, amp=amp, seed=seed)  # type: ignore[arg-type]
-        dev = select_device(device)
-        from stats.manifest import load_manifest
+        options = TrainOptions(
+            losses=tuple(losses.split(",")), folds=folds, epochs=epochs, dim=dim,
+            patch_size=patch_size, fg_fraction=fg_fraction, affine=affine, target=target,
+            batch_size=batch_size, batches_per_epoch=batches_per_epoch, lr=lr,
+            val_every=val_every, features=features, levels=levels, workers=workers,
+            device=device, amp=amp, seed=seed, resume=resume)
+    except ValidationError as err:  # the options' own checks, where typer's do not reach
+        first = err.errors()[0]
+        name = str(first["loc"][0]) if first["loc"] else "losses"
+        raise typer.BadParameter(first["msg"], param_hint=f"'--{name.replace('_', '-')}'"
+                                 ) from err
+    try:
+        from pipeline.manifest_io import load_manifest
 
-        # the check of `xrai manifest validate`, once: a missing file, a directory, bad
-        # bytes or JSON, a field or loss parameter the trainer rejects (ManifestError)
+        # the check of `xrai manifest validate`, once: bad bytes or JSON, a field or loss
+        # parameter the trainer rejects (ManifestError)
         loaded = load_manifest(manifest)
         ds_name = dataset or loaded.dataset.name
         ds = DatasetStore.open(store, ds_name)
-        _, spec, plan = load_training_manifest(manifest, ds.channels, manifest=loaded)
-        names = [n.strip() for n in losses.split(",") if n.strip()]
-        console.print(
-            f"training {', '.join(names)} on [bold]{ds_name}[/] ({len(ds.committed())} cases), "
-            f"{folds} folds × {epochs} epochs, {dim}, device {dev} "
-            f"(mixed precision {amp_mode(dev, amp).name})", highlight=False)  # type: ignore[arg-type]
-        t0 = time.perf_counter()
+        checked = load_training_manifest(manifest, ds.channels, manifest=loaded)
+        n_cases = len(ds.committed())
+    except (XraiError, FileNotFoundError, KeyError, ValueError) as err:
+        err_console.print(f"[bold red]error:[/] {escape(str(err))}", highlight=False)
+        raise typer.Exit(1) from err
+    if folds > n_cases:
+        raise typer.BadParameter(f"{folds} folds need at least {folds} cases; dataset "
+                                 f"{ds_name!r} has {n_cases}", param_hint="'--folds'")
+    names = list(options.losses)
+    dev = select_device(device)
+    console.print(
+        f"training {', '.join(names)} on [bold]{ds_name}[/] ({n_cases} cases), "
+        f"{folds} folds × {epochs} epochs, {dim}, device {dev} "
+        f"(mixed precision {amp_mode(dev, amp).name})", highlight=False)
+    t0 = time.perf_counter()
+    try:
         with _progress() as bar:
             total = len(names) * folds * epochs
             runs = bar.add_task("epochs", total=total, last="")
@@ -176,11 +230,11 @@ def train(
                     done = (names.index(ev["loss"]) * folds + ev["fold"] + 1) * epochs
                     bar.update(runs, completed=done, last=f"{label}: Dice {ev['dice']:.3f}")
 
-            result = run_benchmark(store, ds_name, names, plan=plan, cfg=cfg, folds=folds,
-                                   out_dir=out, manifest_spec=spec, manifest_path=manifest,
-                                   resume=resume, progress=progress)
+            result = run_training(options, store_url=store, dataset=ds_name, out_dir=out,
+                                  plan=checked.plan, manifest_spec=checked.loss_spec,
+                                  manifest_path=manifest, progress=progress)
     except (XraiError, FileNotFoundError, KeyError, ValueError) as err:
-        err_console.print(f"[bold red]error:[/] {err}", highlight=False)
+        err_console.print(f"[bold red]error:[/] {escape(str(err))}", highlight=False)
         raise typer.Exit(1) from err
     console.print(summary_table(result))
     print_paired(result.paired)
@@ -191,4 +245,4 @@ def train(
         raise typer.Exit(3)
 
 
-__all__ = ["paired_rich_table", "print_paired", "summary_table", "train"]
+__all__ = ["RUN_PARAMETERS", "paired_rich_table", "print_paired", "summary_table", "train"]

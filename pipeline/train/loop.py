@@ -38,6 +38,7 @@ from torch import Tensor, nn
 from torch.utils.data import DataLoader
 
 from pipeline.errors import XraiError
+from pipeline.fsio import open_atomic, write_text_atomic
 from pipeline.train.data import (
     SamplingConfig,
     Target,
@@ -389,15 +390,14 @@ def _loader(ds: Any, *, batch_size: int | None, workers: int, device: torch.devi
                       multiprocessing_context="forkserver" if workers > 0 else None)
 
 
-def _mean(values: list[Sequence[float]]) -> list[float]:
+def _mean(values: Sequence[Sequence[float]]) -> list[float]:
     return [float(v) for v in np.mean(np.asarray(values, dtype=np.float64), axis=0)] if values else []
 
 
 def save_checkpoint(path: Path, state: Mapping[str, Any]) -> None:
-    """Write a checkpoint atomically (temporary file, then rename)."""
-    tmp = path.with_suffix(".tmp")
-    torch.save(dict(state), tmp)
-    tmp.replace(path)
+    """Write a checkpoint atomically (`pipeline.fsio.open_atomic`)."""
+    with open_atomic(path, "wb") as fh:
+        torch.save(dict(state), fh)
 
 
 def load_checkpoint(path: Path, device: torch.device | str = "cpu") -> dict[str, Any]:
@@ -417,18 +417,136 @@ def train_fold(store_url: str, dataset: str, fold: Fold, loss_name: str,
         If the training loss becomes NaN or infinite.
     """
     fold_dir.mkdir(parents=True, exist_ok=True)
-    done = fold_dir / RESULT
-    if resume and done.exists():
-        data = json.loads(done.read_text())
-        ov = fold_dir / OVERLAYS
-        overlays = dict(np.load(ov, allow_pickle=False)) if ov.exists() else {}
-        return FoldResult(data["loss"], data["fold"], data["history"], data["cases"],
-                          data["train_seconds"], data["voxels_per_s"],
-                          tuple(data.get("term_names", ())), overlays)
+    if resume and (fold_dir / RESULT).exists():
+        return _read_result(fold_dir)
+    run = _setup(loss_spec, plan, cfg, fold.index)
+    ckpt = fold_dir / CHECKPOINT
+    start = _restore(ckpt, run) if resume and ckpt.exists() else _Start()
+    info = _LossInfo.of(run.loss_fn)
+    train_ds = TrainSamples(store_url, dataset, fold.train, plan, sampling=cfg.sampling,
+                            target=cfg.target, batch_size=cfg.batch_size,
+                            batches_per_epoch=cfg.batches_per_epoch, seed=run.seed,
+                            distance_maps=info.distance_maps)
+    val_loader = _loader(ValidationCases(store_url, dataset, fold.val, plan, target=cfg.target),
+                         batch_size=None, workers=min(cfg.workers, len(fold.val)),
+                         device=run.device)
+    history = list(start.history)
+    train_seconds, voxels = start.train_seconds, start.voxels
+    cases: list[dict[str, Any]] = []
+    overlays: dict[str, np.ndarray] = {}
+    for epoch in range(start.epoch, cfg.epochs):
+        stats = _train_epoch(run, info, train_ds, cfg, epoch, loss_name=loss_name,
+                             fold_index=fold.index, progress=progress)
+        train_seconds += stats.seconds
+        voxels += stats.voxels
+        run.scheduler.step()
+        record = _epoch_record(epoch, stats, info)
+        last = epoch + 1 == cfg.epochs
+        if last or (epoch + 1) % cfg.val_every == 0:
+            cases, val_loss, overlays = evaluate(
+                run.model, run.loss_fn, val_loader, cfg, run.device, run.amp, spacing_zyx,
+                keep=cfg.n_overlays if last else 0, overlay_channel=overlay_channel)
+            record["val_loss"] = val_loss
+            record["val_dice"] = float(np.mean([c["dice"] for c in cases]))
+        history.append(record)
+        _save_state(ckpt, run, epoch=epoch, history=history, train_seconds=train_seconds,
+                    voxels=voxels)
+        if progress:
+            progress({"kind": "epoch", "loss": loss_name, "fold": fold.index, "epoch": epoch + 1,
+                      "epochs": cfg.epochs, **{k: v for k, v in record.items()
+                                               if k in ("train_loss", "val_dice")}})
+    if not cases:  # resumed after the last epoch's checkpoint but before result.json
+        cases, _, overlays = evaluate(run.model, run.loss_fn, val_loader, cfg, run.device,
+                                      run.amp, spacing_zyx, keep=cfg.n_overlays,
+                                      overlay_channel=overlay_channel)
+    result = FoldResult(loss_name, fold.index, history, cases, train_seconds,
+                        voxels / train_seconds if train_seconds > 0 else math.nan,
+                        info.term_names, overlays)
+    _write_result(fold_dir, result)
+    return result
 
+
+# -- the sections of train_fold ------------------------------------------------------------
+
+
+def _read_result(fold_dir: Path) -> FoldResult:
+    """Load the result of a completed fold.
+
+    Parameters
+    ----------
+    fold_dir : Path
+        The fold's folder, holding ``result.json`` and, when kept, ``overlays.npz``.
+
+    Returns
+    -------
+    FoldResult
+        As `train_fold` returned it when the fold was trained.
+    """
+    data = json.loads((fold_dir / RESULT).read_text())
+    ov = fold_dir / OVERLAYS
+    overlays = dict(np.load(ov, allow_pickle=False)) if ov.exists() else {}
+    return FoldResult(data["loss"], data["fold"], data["history"], data["cases"],
+                      data["train_seconds"], data["voxels_per_s"],
+                      tuple(data.get("term_names", ())), overlays)
+
+
+def _write_result(fold_dir: Path, result: FoldResult) -> None:
+    """Write ``overlays.npz`` (when there are overlays), then ``result.json``, atomically.
+
+    Parameters
+    ----------
+    fold_dir : Path
+        The fold's folder.
+    result : FoldResult
+        The finished fold; ``result.json`` marks it complete for a resume.
+    """
+    if result.overlays:
+        with open_atomic(fold_dir / OVERLAYS, "wb") as fh:
+            np.savez_compressed(fh, **result.overlays)
+    write_text_atomic(fold_dir / RESULT, json.dumps(result.to_json(), indent=1, allow_nan=True))
+
+
+@dataclass(frozen=True)
+class _Run:
+    """What trains one fold: device, precision, seed, and the stateful training objects."""
+
+    device: torch.device
+    amp: AmpMode
+    seed: int
+    model: nn.Module
+    loss_fn: nn.Module
+    optimizer: torch.optim.Optimizer
+    scheduler: torch.optim.lr_scheduler.LRScheduler
+    scaler: torch.amp.GradScaler
+
+    def autocast(self) -> torch.autocast:
+        """A fresh autocast context for this run's device and precision (off: float32)."""
+        return torch.autocast(self.device.type, dtype=self.amp.dtype or torch.float32,
+                              enabled=self.amp.dtype is not None)
+
+
+def _setup(loss_spec: Mapping[str, Any], plan: NormalizationPlan, cfg: TrainConfig,
+           fold_index: int) -> _Run:
+    """Seed, then build the model, loss, AdamW, PolyLR schedule and gradient scaler.
+
+    Parameters
+    ----------
+    loss_spec : mapping
+        ``{"name": ..., **parameters}`` for `build_loss`.
+    plan : NormalizationPlan
+        Its channels are the network's input channels.
+    cfg : TrainConfig
+    fold_index : int
+        The fold's seed is ``cfg.seed * 1000 + fold_index``.
+
+    Returns
+    -------
+    _Run
+        Fresh (untrained) objects, on the selected device, the loss in training mode.
+    """
     device = select_device(cfg.device)
     amp = amp_mode(device, cfg.amp)
-    seed = cfg.seed * 1000 + fold.index
+    seed = cfg.seed * 1000 + fold_index
     seed_everything(seed)
     in_channels = len(plan.channels)
     model = build_unet(cfg.sampling.dim, in_channels, n_output_channels(cfg.target),
@@ -440,143 +558,282 @@ def train_fold(store_url: str, dataset: str, fold: Fold, loss_name: str,
     scheduler = torch.optim.lr_scheduler.PolynomialLR(optimizer, total_iters=cfg.epochs,
                                                       power=cfg.poly_power)
     scaler = torch.amp.GradScaler("cuda", enabled=amp.scaler)
-    history: list[dict[str, Any]] = []
-    start_epoch, train_seconds, voxels = 0, 0.0, 0
-    ckpt = fold_dir / CHECKPOINT
-    if resume and ckpt.exists():
-        state = load_checkpoint(ckpt, device)
-        model.load_state_dict(state["model"])
-        optimizer.load_state_dict(state["optimizer"])
-        scheduler.load_state_dict(state["scheduler"])
-        if state.get("scaler"):
-            scaler.load_state_dict(state["scaler"])
-        loss_fn.load_state_dict(state["loss"])
-        _restore_weighting(loss_fn, state["weighting"])
-        if state.get("adaptation") and isinstance(loss_fn, ManifestLoss):
-            loss_fn.set_adapted_values(state["adaptation"])
-        history = list(state["history"])
-        start_epoch = int(state["epoch"]) + 1
-        train_seconds, voxels = float(state["train_seconds"]), int(state["voxels"])
-        torch.set_rng_state(state["rng"])
+    return _Run(device, amp, seed, model, loss_fn, optimizer, scheduler, scaler)
 
-    use_dm = needs_distance_map(loss_fn)
-    train_ds = TrainSamples(store_url, dataset, fold.train, plan, sampling=cfg.sampling,
-                            target=cfg.target, batch_size=cfg.batch_size,
-                            batches_per_epoch=cfg.batches_per_epoch, seed=seed,
-                            distance_maps=use_dm)
-    val_loader = _loader(ValidationCases(store_url, dataset, fold.val, plan, target=cfg.target),
-                         batch_size=None, workers=min(cfg.workers, len(fold.val)), device=device)
-    tversky = adaptive_tversky_terms(loss_fn)
-    term_names = tuple(loss_fn.term_names) if isinstance(loss_fn, ManifestLoss) else ()
-    greedy = loss_fn if isinstance(loss_fn, ManifestLoss) and loss_fn.adaptation else None
-    adaptation = greedy.adaptation if greedy is not None else None
-    greedy_tversky = None  # a greedily adapted term with alpha and beta: logged as those
-    if greedy is not None and adaptation is not None and not tversky and (
-            {"alpha", "beta"} & set(adaptation.params)):
-        term = greedy.terms[adaptation.term]
-        if all(isinstance(getattr(term, k, None), float) for k in ("alpha", "beta")):
-            greedy_tversky = term
 
-    def autocast() -> torch.autocast:
-        return torch.autocast(device.type, dtype=amp.dtype or torch.float32,
-                              enabled=amp.dtype is not None)
+@dataclass(frozen=True)
+class _Start:
+    """Where training starts: first epoch, the history so far, the time and voxel counters."""
 
-    cases: list[dict[str, Any]] = []
-    overlays: dict[str, np.ndarray] = {}
+    epoch: int = 0
+    history: tuple[dict[str, Any], ...] = ()
+    train_seconds: float = 0.0
+    voxels: int = 0
 
-    for epoch in range(start_epoch, cfg.epochs):
-        model.train()
-        train_ds.set_epoch(epoch)
-        loader = _loader(train_ds, batch_size=cfg.batch_size, workers=cfg.workers, device=device)
-        lr = optimizer.param_groups[0]["lr"]
-        values, comps, weights, alphas, betas = [], [], [], [], []
-        adapted: list[dict[str, float]] = []
-        t0 = time.perf_counter()
-        for step, batch in enumerate(loader):
-            x = batch["image"].to(device, non_blocking=True)
-            y = batch["target"].to(device, non_blocking=True)
-            extras = ({"distance_map": batch["distance_map"].to(device, non_blocking=True)}
-                      if use_dm else {})
-            if greedy is not None and adaptation is not None and (
-                    epoch * cfg.batches_per_epoch + step) % adaptation.every == 0:
-                greedy_search(model, greedy, optimizer, x, y, extras=extras,
-                              scaler=scaler if amp.scaler else None, autocast=autocast)
-            with autocast():
-                logits = model(x)
-            loss = loss_fn(logits.float(), y, **extras)
-            value = float(loss.detach())
-            if not math.isfinite(value):
-                raise TrainingDiverged(f"loss {loss_name!r}, fold {fold.index}, epoch {epoch}, "
-                                       f"step {step}: training loss is {value!r}")
-            optimizer.zero_grad(set_to_none=True)
-            scaler.scale(loss).backward()
-            scaler.step(optimizer)
-            scaler.update()
-            voxels += x.numel() // x.shape[1]
-            values.append(value)
-            if isinstance(loss_fn, ManifestLoss):
-                comps.append(loss_fn.last_values)
-                weights.append(loss_fn.weights)
-            for _, module in tversky[:1]:
-                with torch.no_grad():
-                    a, b = module.weights(logits.detach().float(), y)
-                alphas.append(float(a.mean()))
-                betas.append(float(b.mean()))
-            if greedy is not None:
-                adapted.append(greedy.adapted_values())
-            if greedy_tversky is not None:
-                alphas.append(float(greedy_tversky.alpha))
-                betas.append(float(greedy_tversky.beta))
-            if progress:
-                progress({"kind": "step", "loss": loss_name, "fold": fold.index, "epoch": epoch,
-                          "step": step + 1, "steps": cfg.batches_per_epoch, "value": value})
-        if device.type == "cuda":
-            torch.cuda.synchronize(device)
-        train_seconds += time.perf_counter() - t0
-        scheduler.step()
-        record: dict[str, Any] = {
-            "epoch": epoch + 1, "lr": lr, "train_loss": float(np.mean(values)),
-            "components": _mean(comps), "weights": _mean(weights),
-            "alpha": float(np.mean(alphas)) if alphas else None,
-            "beta": float(np.mean(betas)) if betas else None,
-        }
-        if adaptation is not None:
-            record["adapted"] = {p: float(np.mean([a[p] for a in adapted]))
-                                 for p in adaptation.params}
-        last = epoch + 1 == cfg.epochs
-        if last or (epoch + 1) % cfg.val_every == 0:
-            cases, val_loss, overlays = evaluate(
-                model, loss_fn, val_loader, cfg, device, amp, spacing_zyx,
-                keep=cfg.n_overlays if last else 0, overlay_channel=overlay_channel)
-            record["val_loss"] = val_loss
-            record["val_dice"] = float(np.mean([c["dice"] for c in cases]))
-        history.append(record)
-        save_checkpoint(ckpt, {
-            "epoch": epoch, "model": model.state_dict(), "optimizer": optimizer.state_dict(),
-            "scheduler": scheduler.state_dict(),
-            "scaler": scaler.state_dict() if amp.scaler else {},
-            "loss": loss_fn.state_dict(), "weighting": _weighting_state(loss_fn),
-            "adaptation": (loss_fn.adapted_values() if isinstance(loss_fn, ManifestLoss)
-                           else {}),
-            "history": history, "train_seconds": train_seconds, "voxels": voxels,
-            "rng": torch.get_rng_state(),
-        })
+
+def _restore(ckpt: Path, run: _Run) -> _Start:
+    """Load ``last.pt`` into the run's objects and the torch RNG.
+
+    Parameters
+    ----------
+    ckpt : Path
+        A checkpoint written by `_save_state`.
+    run : _Run
+        Freshly set up; its model, optimizer, scheduler, scaler and loss are overwritten.
+
+    Returns
+    -------
+    _Start
+        The epoch after the checkpoint's, and its history and counters.
+    """
+    state = load_checkpoint(ckpt, run.device)
+    run.model.load_state_dict(state["model"])
+    run.optimizer.load_state_dict(state["optimizer"])
+    run.scheduler.load_state_dict(state["scheduler"])
+    if state.get("scaler"):
+        run.scaler.load_state_dict(state["scaler"])
+    run.loss_fn.load_state_dict(state["loss"])
+    _restore_weighting(run.loss_fn, state["weighting"])
+    if state.get("adaptation") and isinstance(run.loss_fn, ManifestLoss):
+        run.loss_fn.set_adapted_values(state["adaptation"])
+    start = _Start(int(state["epoch"]) + 1, tuple(state["history"]),
+                   float(state["train_seconds"]), int(state["voxels"]))
+    torch.set_rng_state(state["rng"])
+    return start
+
+
+def _save_state(ckpt: Path, run: _Run, *, epoch: int, history: Sequence[dict[str, Any]],
+                train_seconds: float, voxels: int) -> None:
+    """Write ``last.pt`` after an epoch (tensors and plain values only; see `_restore`).
+
+    Parameters
+    ----------
+    ckpt : Path
+    run : _Run
+    epoch : int
+        The 0-based epoch just finished.
+    history : sequence of dict
+        The epoch records so far.
+    train_seconds, voxels : float, int
+        The training counters so far.
+    """
+    loss_fn = run.loss_fn
+    save_checkpoint(ckpt, {
+        "epoch": epoch, "model": run.model.state_dict(),
+        "optimizer": run.optimizer.state_dict(), "scheduler": run.scheduler.state_dict(),
+        "scaler": run.scaler.state_dict() if run.amp.scaler else {},
+        "loss": loss_fn.state_dict(), "weighting": _weighting_state(loss_fn),
+        "adaptation": (loss_fn.adapted_values() if isinstance(loss_fn, ManifestLoss)
+                       else {}),
+        "history": history, "train_seconds": train_seconds, "voxels": voxels,
+        "rng": torch.get_rng_state(),
+    })
+
+
+@dataclass(frozen=True)
+class _LossInfo:
+    """What the loop needs to know about a loss: inputs, logged terms, greedy adaptation.
+
+    Attributes
+    ----------
+    distance_maps : bool
+        Whether a batch must carry ``distance_map`` (`needs_distance_map`).
+    term_names : tuple of str
+        A manifest loss's term names; () otherwise.
+    tversky : AdaptiveTverskyLoss or None
+        The first adaptive Tversky term, whose mean alpha and beta are logged.
+    greedy : ManifestLoss or None
+        The loss when it has a greedy ``adaptation``.
+    greedy_tversky : nn.Module or None
+        Without an adaptive Tversky term, the greedily adapted term when it has float
+        ``alpha`` and ``beta`` and adapts either: logged as alpha and beta.
+    """
+
+    distance_maps: bool
+    term_names: tuple[str, ...]
+    tversky: AdaptiveTverskyLoss | None
+    greedy: ManifestLoss | None
+    greedy_tversky: nn.Module | None
+
+    @classmethod
+    def of(cls, loss_fn: nn.Module) -> _LossInfo:
+        """Inspect `loss_fn` (a built loss; nothing is changed)."""
+        tversky = adaptive_tversky_terms(loss_fn)
+        term_names = tuple(loss_fn.term_names) if isinstance(loss_fn, ManifestLoss) else ()
+        greedy = loss_fn if isinstance(loss_fn, ManifestLoss) and loss_fn.adaptation else None
+        adaptation = greedy.adaptation if greedy is not None else None
+        greedy_tversky = None
+        if greedy is not None and adaptation is not None and not tversky and (
+                {"alpha", "beta"} & set(adaptation.params)):
+            term = greedy.terms[adaptation.term]
+            if all(isinstance(getattr(term, k, None), float) for k in ("alpha", "beta")):
+                greedy_tversky = term
+        return cls(needs_distance_map(loss_fn), term_names,
+                   tversky[0][1] if tversky else None, greedy, greedy_tversky)
+
+    def adapts_at(self, global_step: int) -> bool:
+        """Whether the greedy search runs before this (0-based) step of the fold."""
+        return (self.greedy is not None and self.greedy.adaptation is not None
+                and global_step % self.greedy.adaptation.every == 0)
+
+
+@dataclass(frozen=True)
+class _EpochStats:
+    """Per-step values of one training epoch (in step order), its time and voxel count."""
+
+    lr: float
+    values: tuple[float, ...]
+    components: tuple[tuple[float, ...], ...]
+    weights: tuple[tuple[float, ...], ...]
+    alphas: tuple[float, ...]
+    betas: tuple[float, ...]
+    adapted: tuple[dict[str, float], ...]
+    seconds: float
+    voxels: int
+
+
+def _train_epoch(run: _Run, info: _LossInfo, train_ds: TrainSamples, cfg: TrainConfig,
+                 epoch: int, *, loss_name: str, fold_index: int,
+                 progress: Progress | None) -> _EpochStats:
+    """Run the training steps of one epoch (greedy search first where it is due).
+
+    Parameters
+    ----------
+    run : _Run
+    info : _LossInfo
+    train_ds : TrainSamples
+        The fold's training samples; set to `epoch` here.
+    cfg : TrainConfig
+    epoch : int
+        0-based.
+    loss_name, fold_index : str, int
+        For the progress events and the divergence message.
+    progress : callable, optional
+        Called with a ``"step"`` event after each step.
+
+    Returns
+    -------
+    _EpochStats
+        The learning rate of the epoch and what each step logged. The scheduler is not
+        stepped here.
+
+    Raises
+    ------
+    TrainingDiverged
+        If a step's loss is NaN or infinite (before its update).
+    """
+    run.model.train()
+    train_ds.set_epoch(epoch)
+    loader = _loader(train_ds, batch_size=cfg.batch_size, workers=cfg.workers,
+                     device=run.device)
+    lr = run.optimizer.param_groups[0]["lr"]
+    loss_fn, device = run.loss_fn, run.device
+    values, comps, weights, alphas, betas = [], [], [], [], []
+    adapted: list[dict[str, float]] = []
+    voxels = 0
+    t0 = time.perf_counter()
+    for step, batch in enumerate(loader):
+        x = batch["image"].to(device, non_blocking=True)
+        y = batch["target"].to(device, non_blocking=True)
+        extras = ({"distance_map": batch["distance_map"].to(device, non_blocking=True)}
+                  if info.distance_maps else {})
+        if info.greedy is not None and info.adapts_at(epoch * cfg.batches_per_epoch + step):
+            greedy_search(run.model, info.greedy, run.optimizer, x, y, extras=extras,
+                          scaler=run.scaler if run.amp.scaler else None,
+                          autocast=run.autocast)
+        logits, value = _step(run, x, y, extras,
+                              where=f"loss {loss_name!r}, fold {fold_index}, epoch {epoch}, "
+                                    f"step {step}")
+        voxels += x.numel() // x.shape[1]
+        values.append(value)
+        if isinstance(loss_fn, ManifestLoss):
+            comps.append(loss_fn.last_values)
+            weights.append(loss_fn.weights)
+        if info.tversky is not None:
+            with torch.no_grad():
+                a, b = info.tversky.weights(logits.detach().float(), y)
+            alphas.append(float(a.mean()))
+            betas.append(float(b.mean()))
+        if info.greedy is not None:
+            adapted.append(info.greedy.adapted_values())
+        if info.greedy_tversky is not None:
+            alphas.append(float(info.greedy_tversky.alpha))
+            betas.append(float(info.greedy_tversky.beta))
         if progress:
-            progress({"kind": "epoch", "loss": loss_name, "fold": fold.index, "epoch": epoch + 1,
-                      "epochs": cfg.epochs, **{k: v for k, v in record.items()
-                                               if k in ("train_loss", "val_dice")}})
-    if not cases:  # resumed after the last epoch's checkpoint but before result.json
-        cases, _, overlays = evaluate(model, loss_fn, val_loader, cfg, device, amp, spacing_zyx,
-                                      keep=cfg.n_overlays, overlay_channel=overlay_channel)
-    result = FoldResult(loss_name, fold.index, history, cases, train_seconds,
-                        voxels / train_seconds if train_seconds > 0 else math.nan, term_names,
-                        overlays)
-    if overlays:
-        np.savez_compressed(fold_dir / OVERLAYS, **overlays)
-    tmp = done.with_suffix(".tmp")
-    tmp.write_text(json.dumps(result.to_json(), indent=1, allow_nan=True))
-    tmp.replace(done)
-    return result
+            progress({"kind": "step", "loss": loss_name, "fold": fold_index, "epoch": epoch,
+                      "step": step + 1, "steps": cfg.batches_per_epoch, "value": value})
+    if device.type == "cuda":
+        torch.cuda.synchronize(device)
+    return _EpochStats(lr, tuple(values), tuple(comps), tuple(weights), tuple(alphas),
+                       tuple(betas), tuple(adapted), time.perf_counter() - t0, voxels)
+
+
+def _step(run: _Run, x: Tensor, y: Tensor, extras: Mapping[str, Tensor], *,
+          where: str) -> tuple[Tensor, float]:
+    """One optimisation step: forward under autocast, loss in float32, scaled backward.
+
+    Parameters
+    ----------
+    run : _Run
+    x, y : Tensor
+        The batch's images and one-hot targets, on the run's device.
+    extras : mapping of str to Tensor
+        Further loss inputs (``distance_map``).
+    where : str
+        Names the loss, fold, epoch and step in the divergence message.
+
+    Returns
+    -------
+    logits : Tensor
+        The forward pass's output (before the update).
+    value : float
+        The loss value.
+
+    Raises
+    ------
+    TrainingDiverged
+        If the loss is NaN or infinite; the model is then not updated.
+    """
+    with run.autocast():
+        logits = run.model(x)
+    loss = run.loss_fn(logits.float(), y, **extras)
+    value = float(loss.detach())
+    if not math.isfinite(value):
+        raise TrainingDiverged(f"{where}: training loss is {value!r}")
+    run.optimizer.zero_grad(set_to_none=True)
+    run.scaler.scale(loss).backward()
+    run.scaler.step(run.optimizer)
+    run.scaler.update()
+    return logits, value
+
+
+def _epoch_record(epoch: int, stats: _EpochStats, info: _LossInfo) -> dict[str, Any]:
+    """The history entry of a training epoch (before validation adds its keys).
+
+    Parameters
+    ----------
+    epoch : int
+        0-based; the record's ``epoch`` is 1-based.
+    stats : _EpochStats
+    info : _LossInfo
+
+    Returns
+    -------
+    dict
+        ``epoch``, ``lr``, the epoch means ``train_loss``, ``components``, ``weights``,
+        ``alpha``, ``beta`` (None without values) and, with a greedy adaptation, the mean
+        ``adapted`` value of each adapted parameter.
+    """
+    record: dict[str, Any] = {
+        "epoch": epoch + 1, "lr": stats.lr, "train_loss": float(np.mean(stats.values)),
+        "components": _mean(stats.components), "weights": _mean(stats.weights),
+        "alpha": float(np.mean(stats.alphas)) if stats.alphas else None,
+        "beta": float(np.mean(stats.betas)) if stats.betas else None,
+    }
+    if info.greedy is not None and info.greedy.adaptation is not None:
+        record["adapted"] = {p: float(np.mean([a[p] for a in stats.adapted]))
+                             for p in info.greedy.adaptation.params}
+    return record
 
 
 __all__ = [

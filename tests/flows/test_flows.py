@@ -90,13 +90,9 @@ class TestPipeline:
         assert r.train is None
 
     def test_outputs_equal_the_plain_functions(self, first_run: SimpleNamespace) -> None:
+        from pipeline.manifest_io import load_manifest
         from pipeline.stats_runner import read_stats, run_stats
-        from stats.manifest import (
-            build_manifest,
-            decisions_table,
-            load_manifest,
-            stats_fingerprint,
-        )
+        from stats.manifest import build_manifest, decisions_table, stats_fingerprint
 
         cfg = first_run.config
         stats = read_stats(first_run.result.stats.path)
@@ -118,7 +114,7 @@ class TestPipeline:
         assert owner.run.state.is_completed()
 
     def test_artifact_contents(self, first_run: SimpleNamespace) -> None:
-        from stats.manifest import load_manifest
+        from pipeline.manifest_io import load_manifest
 
         summary = artifacts("dataset-summary-ph-flow")[0]
         assert summary.type == "markdown"
@@ -304,16 +300,20 @@ def test_stats_flow_with_a_worker_process_reports_to_the_server(first_run: Simpl
 
     from flows.stats_flow import stats_flow
 
+    # recompute: reused cases are settled by the plan (issue 12), only computed ones
+    # are per-case tasks, and these must run in the worker process
     state = stats_flow(first_run.config.store, first_run.config.name,
                        str(tmp_path / "stats.json"),
-                       dask=DaskOptions(workers=1, processes=True), return_state=True)
+                       dask=DaskOptions(workers=1, processes=True), recompute=True,
+                       return_state=True)
     assert state.is_completed()
+    assert state.result().reused == []
     run_id = state.state_details.flow_run_id
     with get_client(sync_client=True) as client:
         runs = client.read_task_runs(flow_run_filter=FlowRunFilter(
             id=FlowRunFilterId(any_=[run_id])))
     per_case = sorted(r.name for r in runs if r.name.startswith("stats-"))
-    assert per_case == sorted(f"stats-{c}" for c in state.result().reused + state.result().computed)
+    assert per_case == sorted(f"stats-{c}" for c in state.result().computed)
     assert all(r.state.is_completed() for r in runs)
 
 
@@ -340,8 +340,7 @@ def test_storage_tasks_retry_io_failures_only(first_run: SimpleNamespace,
 
     @flow
     def probe() -> int:
-        _, hashes = plan(first_run.config.store, first_run.config.name)
-        return len(hashes)
+        return len(plan(first_run.config.store, first_run.config.name).records)
 
     state = probe(return_state=True)
     assert len(seen) == calls

@@ -13,6 +13,8 @@ from flows.tasks import (
     case_stats,
     discover_cases,
     ingest_one,
+    merge_stats,
+    stats_plan,
     task_runner,
     worth_retrying,
     write_phantom_source,
@@ -70,14 +72,18 @@ def test_ingest_then_stats_are_keyed_by_content(tmp_path: Path, phantom_source: 
         assert ingest_one.fn(job).status == "unchanged"
         assert ingest_one.fn(job, recompute=True).status == "ingested"
 
-    from pipeline.stats_runner import engine_config
-
-    config = engine_config(DatasetStore.open(store, "t"))
-    assert case_stats.fn(store, "t", case.case_id, content_hash, config) == "computed"
-    assert case_stats.fn(store, "t", case.case_id, content_hash, config) == "reused"
-    assert case_stats.fn(store, "t", case.case_id, content_hash, config,
-                         recompute=True) == "computed"
-    assert case_stats.fn(store, "t", case.case_id, "0" * 64, config) == "computed"
+    plan = stats_plan.fn(store, "t")
+    assert plan.computed_ids == [case.case_id]
+    assert plan.jobs[0].content_hash == content_hash
+    partials = case_stats.fn(plan.jobs[0])
+    assert (partials.case_id, partials.content_hash) == (case.case_id, content_hash)
+    again = stats_plan.fn(store, "t")
+    assert (again.computed_ids, again.reused_ids) == ([], [case.case_id])
+    assert stats_plan.fn(store, "t", recompute=True).computed_ids == [case.case_id]
+    out = tmp_path / "stats.json"
+    stats = merge_stats.fn(plan, [partials], str(out))
+    assert stats.cases == [case.case_id]
+    assert out.is_file()
 
 
 def test_ingest_session_keeps_slots_and_reports_committed(tmp_path: Path, plain_run: PlainRun,
@@ -99,3 +105,55 @@ def test_ingest_session_keeps_slots_and_reports_committed(tmp_path: Path, plain_
     with pytest.raises(StoreError, match=r"was created with grid"), \
             ingest_session(known, store, plain_run.dataset, grid=Grid(shape=(48, 48, 32))):
         pass
+
+
+def test_issue12_task_runner_keeps_distributed_quiet_but_for_warnings(
+        caplog: pytest.LogCaptureFixture) -> None:
+    import logging
+
+    # As in a flow process: Prefect configured the root logger before distributed was
+    # imported, so distributed's INFO messages (cluster start and stop) propagate to
+    # Prefect's console handler.
+    distributed = logging.getLogger("distributed")
+    saved = distributed.level, distributed.propagate
+    distributed.setLevel(logging.INFO)
+    distributed.propagate = True
+    try:
+        runner = task_runner(DaskOptions(workers=1, processes=False))
+        with caplog.at_level(logging.DEBUG), runner:
+            runner.client  # noqa: B018 - starts the local cluster
+            logging.getLogger("distributed.scheduler").info("cluster chatter")
+            logging.getLogger("distributed.worker").warning("worker trouble")
+        assert distributed.level == logging.INFO  # restored on exit
+    finally:
+        distributed.setLevel(saved[0])
+        distributed.propagate = saved[1]
+    seen = [(r.name, r.levelno, r.getMessage()) for r in caplog.records
+            if r.name.startswith("distributed")]
+    assert ("distributed.worker", logging.WARNING, "worker trouble") in seen
+    assert [s for s in seen if s[1] < logging.WARNING] == []
+
+
+def test_issue12_local_workers_report_to_the_flows_temporary_server(
+        monkeypatch: pytest.MonkeyPatch) -> None:
+    """Without PREFECT_API_URL, worker processes get the address of the temporary server
+    the flow process started, instead of each starting one of its own."""
+    from types import SimpleNamespace
+
+    from prefect.context import FlowRunContext
+    from prefect.settings import PREFECT_API_URL, temporary_settings
+
+    from flows.dask_runner import worker_environment
+
+    client = SimpleNamespace(api_url="http://127.0.0.1:8564/api/")
+    monkeypatch.setattr(FlowRunContext, "get", classmethod(lambda cls: SimpleNamespace(client=client)))
+    with temporary_settings(restore_defaults={PREFECT_API_URL}):
+        assert worker_environment() == {"PREFECT_API_URL": "http://127.0.0.1:8564/api"}
+        client.api_url = "http://ephemeral-prefect/api"  # an in-process app: unreachable
+        assert worker_environment() == {}
+    client.api_url = "http://127.0.0.1:8564/api/"
+    with temporary_settings(updates={PREFECT_API_URL: "http://127.0.0.1:4200/api"}):
+        assert worker_environment() == {}  # the workers inherit the environment's
+    monkeypatch.setattr(FlowRunContext, "get", classmethod(lambda cls: None))
+    with temporary_settings(restore_defaults={PREFECT_API_URL}):
+        assert worker_environment() == {}  # not in a flow run

@@ -16,6 +16,7 @@ import scipy.stats
 import SimpleITK as sitk
 from scipy import ndimage
 
+from pipeline import fsio
 from pipeline.io.nifti import read_nifti_image
 from pipeline.sources import phantom as ph
 from pipeline.sources.base import CHANNELS, LABEL_SCHEME
@@ -396,7 +397,7 @@ class TestAtomicWrite:
             calls.append((Path(src), Path(dst)))
             real(src, dst)
 
-        monkeypatch.setattr(ph.os, "replace", spy)
+        monkeypatch.setattr(fsio.os, "replace", spy)
         write_phantom(tmp_path, cases=2, seed=SEED, shape=SHAPE)
         assert len(calls) == 10
         for src, dst in calls:
@@ -414,7 +415,7 @@ class TestAtomicWrite:
             done.append(1)
             real(src, dst)
 
-        monkeypatch.setattr(ph.os, "replace", fail_third)
+        monkeypatch.setattr(fsio.os, "replace", fail_third)
         with pytest.raises(OSError, match="simulated crash"):
             write_phantom(tmp_path, cases=2, seed=SEED, shape=SHAPE)
         files = sorted(p for p in tmp_path.rglob("*") if p.is_file())
@@ -427,7 +428,7 @@ class TestAtomicWrite:
         def broken_fsync(fd) -> None:
             raise OSError("simulated disk full")
 
-        monkeypatch.setattr(ph.os, "fsync", broken_fsync)
+        monkeypatch.setattr(fsio.os, "fsync", broken_fsync)
         with pytest.raises(OSError, match="simulated disk full"):
             write_phantom(tmp_path, cases=1, seed=SEED, shape=SHAPE)
         assert [p for p in tmp_path.rglob("*") if p.is_file()] == []

@@ -11,9 +11,17 @@ import pytest
 import scipy.stats
 from dask.delayed import Delayed
 
-from stats.dask_graph import histogram_partial, moment_partial, moment_reduction, tree_reduce
+from stats import moments
+from stats.dask_graph import (
+    histogram_partial,
+    kurtosis,
+    moment_partial,
+    moment_reduction,
+    skew,
+    tree_reduce,
+)
 from stats.histogram import HistogramPartial, fixed_edges
-from stats.moments import MomentPartial, kurtosis, merge, skew, skew_from_partial
+from stats.moments import MomentPartial, merge, skew_from_partial
 
 # many blocks, an uneven last block, unequal explicit chunks, one block
 CHUNKINGS_1D = {
@@ -127,3 +135,30 @@ class TestPartialGraphs:
             tree_reduce(parts, merge, split_every=1)
         with pytest.raises(TypeError, match=r"expected a dask\.array\.Array, got 'ndarray'"):
             moment_partial(np.ones(3))  # type: ignore[arg-type]
+
+
+class TestOneWayDependency:
+    """Issue 12, item 6: the dask adapters depend on the partial functions, never the
+    reverse; the numpy finalisers refuse dask input instead of computing it into memory."""
+
+    def test_moments_does_not_import_dask_graph_or_dask(self) -> None:
+        import subprocess
+        import sys
+
+        code = ("import sys, stats.moments; "
+                "print(sorted(m for m in sys.modules if m == 'stats.dask_graph' "
+                "or m.split('.')[0] == 'dask'))")
+        out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True,
+                             check=True)
+        assert out.stdout.strip() == "[]"
+
+    @pytest.mark.parametrize("name", ["skew", "kurtosis"])
+    def test_numpy_finaliser_points_to_the_dask_one(self, name: str) -> None:
+        d = da.arange(10.0, chunks=3)
+        with pytest.raises(TypeError, match=rf"use stats\.dask_graph\.{name}, the lazy"):
+            getattr(moments, name)(d)
+
+    def test_dask_skew_rejects_numpy_input(self) -> None:
+        with pytest.raises(TypeError, match=r"skew: expected a dask\.array\.Array, got "
+                                            r"'ndarray'"):
+            skew(np.arange(10.0))

@@ -11,18 +11,22 @@ from pathlib import Path
 import numpy as np
 import pytest
 
+from pipeline.manifest_io import (
+    load_manifest,
+    manifest_command,
+    validate_command,
+    write_manifest,
+)
+from stats.errors import ManifestError
 from stats.manifest import (
     SCHEMA_PATH,
     Manifest,
-    ManifestError,
     build_manifest,
     decisions_table,
-    load_manifest,
-    manifest_command,
     manifest_json_schema,
+    parse_manifest,
+    parse_stats,
     stats_fingerprint,
-    validate_command,
-    write_manifest,
 )
 from stats.seen import CLIP_LEVELS
 from stats.summary import DatasetStats
@@ -423,12 +427,32 @@ class TestAdaptation:
         assert decision_changes(m, m) == []
 
 
+class TestParseWithoutFiles:
+    """Issue 12, item 6: stats/ validates text; reading the file is pipeline.manifest_io's."""
+
+    def test_manifest_text_and_bytes(self, manifest: Manifest) -> None:
+        text = manifest.model_dump_json(indent=2)
+        for data in (text, text.encode("utf-8")):
+            assert parse_manifest(data, "inline.json").loss_spec() == manifest.loss_spec()
+
+    def test_errors_name_the_source(self, manifest: Manifest) -> None:
+        with pytest.raises(ManifestError, match=r"^inline\.json: not valid JSON"):
+            parse_manifest("{", "inline.json")
+        with pytest.raises(ManifestError, match=r"^inline\.json: not UTF-8 text: byte b'\\xff'"):
+            parse_manifest(b"\xff{}", "inline.json")
+
+    def test_stats_text(self, stats: DatasetStats) -> None:
+        assert parse_stats(stats.model_dump_json(), "s.json").dataset == stats.dataset
+        with pytest.raises(ManifestError, match=r"^statistics s\.json: field "):
+            parse_stats("{}", "s.json")
+
+
 # ----------------------------------------------------------------------- schema and table
 def test_committed_schema_is_current() -> None:
     committed = json.loads(SCHEMA_PATH.read_text(encoding="utf-8"))
     assert committed == manifest_json_schema(), (
         "stats/manifest.schema.json is stale: run "
-        "python -c 'from stats.manifest import export_schema; export_schema()'")
+        "python -c 'from pipeline.manifest_io import export_schema; export_schema()'")
 
 
 def test_schema_lists_the_loss_names_as_an_enumeration() -> None:

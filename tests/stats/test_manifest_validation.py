@@ -15,15 +15,13 @@ from pathlib import Path
 import numpy as np
 import pytest
 
+from pipeline.manifest_io import load_manifest, validate_command, write_manifest
+from stats.errors import ManifestError
 from stats.manifest import (
     LOSS_PARAMETERS,
     MAX_NESTING,
     Manifest,
-    ManifestError,
     build_manifest,
-    load_manifest,
-    validate_command,
-    write_manifest,
 )
 from tests.stats.test_rules import small_tumour_stats
 

@@ -238,8 +238,8 @@ class TestWithTheRealManifest:
         from typer import Typer
         from typer.testing import CliRunner
 
+        from pipeline.manifest_io import write_manifest
         from pipeline.train.cli import train
-        from stats.manifest import write_manifest
 
         def modify(i, case):  # intensities inside the manifest's ranges
             case["image"] = case["image"][:2] * 8.0

@@ -24,17 +24,17 @@ from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 from torch import nn
 
+from pipeline.manifest_io import load_manifest
 from pipeline.train.benchmark import load_training_manifest
 from pipeline.train.losses import LOSSES, build_loss
 from pipeline.train.weighting import WEIGHTINGS, CoVWeighting, Rebalance, SoftAdapt, Static
+from stats.errors import ManifestError
 from stats.manifest import (
     LOSS_PARAMETERS,
     WEIGHTING_PARAMETERS,
     Manifest,
-    ManifestError,
     ParamSpec,
     build_manifest,
-    load_manifest,
 )
 from stats.rules import TERM_NAMES, WEIGHTING_METHODS
 from tests.stats.test_rules import small_tumour_stats
@@ -239,7 +239,7 @@ def accepted_manifests_build(section: dict, tmp_path: Path) -> None:
     except ManifestError:
         return                                   # rejected: nothing to promise
     # what `xrai train` does before training: load, build the loss, match the channels
-    _, spec, _ = load_training_manifest(p, CHANNELS)
+    spec = load_training_manifest(p, CHANNELS).loss_spec
     loss_fn = build_loss(spec)                   # the run builds it again, per fold
     assert loss_fn.term_names == tuple(t.name for t in manifest.loss.terms)
     if manifest.loss.adaptation is not None:

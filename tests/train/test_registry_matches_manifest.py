@@ -7,7 +7,7 @@ import pytest
 from pipeline.errors import ManifestError as PipelineManifestError
 from pipeline.train.losses import LOSSES
 from pipeline.train.weighting import WEIGHTINGS
-from stats.manifest import ManifestError
+from stats.errors import ManifestError, XraiError
 from stats.rules import LOSS_NAMES, WEIGHTING_METHODS
 
 
@@ -22,4 +22,6 @@ def test_manifest_weighting_methods_equal_the_trainer_weightings():
 def test_one_manifest_error_type():
     assert PipelineManifestError is ManifestError
     with pytest.raises(ValueError, match="x"):
+        raise ManifestError("x")
+    with pytest.raises(XraiError, match="x"):  # issue 12, item 4: under the one root
         raise ManifestError("x")
