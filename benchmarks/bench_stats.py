@@ -9,21 +9,32 @@ own `local_cluster`), after a warm-up run, it prints:
 - floor: reading every chunk of the cases (image, label, brain) and discarding it;
 - ours: `run_stats(recompute=True)`: per case x channel x region (6 regions) exact
   moments of the raw values and of every transform candidate, 4096-bin histograms, and
-  the label statistics, merged per dataset;
+  the label statistics, merged per dataset; then the same with the numpy fallback kernel
+  (``XRAI_STATS_KERNEL=numpy`` in the workers);
 - scipy: scipy.stats.skew + kurtosis per channel on the volumes already in memory
   (the load is not timed; float32 input, as stored);
 - dask: dask.array.stats.skew + kurtosis per channel on the same Zarr arrays;
 - ratios of each to the floor;
 - peak memory (max RSS of a process running the engine synchronously) on 8 and 16 cases;
-- the incremental path: adding one case to the 16-case dataset, as a ratio to a full run.
+- the incremental path: adding one case to the 16-case dataset, as a ratio to a full run;
+- the per-case kernel (issue 14): in this process, per case, the floor (`read_case`: read
+  and decompress every chunk), `case_partials` with the fused compiled kernel
+  (`XRAI_STATS_KERNEL=numba`) and with the numpy fallback (`XRAI_STATS_KERNEL=numpy`),
+  interleaved, best of ``--repeats``, as ratios to the floor measured in the same run;
+  and what numba's first call costs in a fresh process: compiling (empty cache) and
+  loading the cached machine code (what each Dask worker pays once).
+
+    .venv/bin/python -m benchmarks.bench_stats --kernel-only   # the per-case table only
 """
 
 from __future__ import annotations
 
 import argparse
 import json
+import os
 import subprocess
 import sys
+import tempfile
 import time
 from pathlib import Path
 
@@ -33,6 +44,7 @@ GRID_SHAPE = (240, 240, 155)
 
 
 def _prepare(work: Path, n: int) -> tuple[str, list]:
+    from pipeline.fsio import write_text_atomic
     from pipeline.ingest import ingest_cases
     from pipeline.sources.local import discover
     from pipeline.sources.phantom import write_phantom
@@ -50,7 +62,7 @@ def _prepare(work: Path, n: int) -> tuple[str, list]:
         grid = Grid(shape=GRID_SHAPE)
         ingest_cases(cases[:n], url, "bench16", grid=grid, workers=2)
         ingest_cases(cases[: n // 2], url, "bench8", grid=grid, workers=2)
-        marker.write_text("ok")
+        write_text_atomic(marker, "ok")
     if cases is None:
         cases = discover(src, layout="brats")
     return url, cases
@@ -74,14 +86,92 @@ def _peak_rss_mb(url: str, dataset: str) -> float:
     return int(out.stdout.strip().splitlines()[-1]) / 1024.0
 
 
+def _kernel_table(url: str, dataset: str, repeats: int) -> dict[str, float]:
+    """Per-case floor / fused / numpy times in this process (see the module notes)."""
+    from pipeline.stats_runner import engine_config
+    from pipeline.store import DatasetStore
+    from stats import fused
+    from stats.dataset import case_partials
+
+    store = DatasetStore.open(url, dataset)
+    records = store.committed()
+    config = engine_config(store, records=records)
+    saved = os.environ.get(fused.ENV_VAR)
+    best: dict[str, list[float]] = {"floor": [], "fused": [], "numpy": []}
+
+    def timed(f) -> float:
+        t0 = time.perf_counter()
+        f()
+        return time.perf_counter() - t0
+
+    try:
+        for cid, rec in records.items():
+            arrays = store.read_case(cid, record=rec)
+            os.environ[fused.ENV_VAR] = "numba"
+            case_partials(cid, "h", arrays, config)  # compile or load once, untimed
+            times = {k: [] for k in best}
+            for _ in range(repeats):  # interleaved: the machine's load drifts alike
+                times["floor"].append(timed(lambda c=cid, r=rec: store.read_case(c, record=r)))
+                for kernel in ("fused", "numpy"):
+                    os.environ[fused.ENV_VAR] = "numba" if kernel == "fused" else "numpy"
+                    times[kernel].append(timed(
+                        lambda c=cid, a=arrays: case_partials(c, "h", a, config)))
+            for k, v in times.items():
+                best[k].append(min(v))
+    finally:
+        if saved is None:
+            os.environ.pop(fused.ENV_VAR, None)
+        else:
+            os.environ[fused.ENV_VAR] = saved
+    n = len(records)
+    floor, fz, npy = (sum(best[k]) / n for k in ("floor", "fused", "numpy"))
+    shape = "x".join(str(d) for d in store.read_case(next(iter(records)))["image"].shape)
+    print(f"per-case kernel, one process, {n} cases of {shape}, best of {repeats} "
+          f"(interleaved):")
+    print(f"  floor (read + decompress)  {floor * 1e3:8.1f} ms/case")
+    print(f"  fused (numba)              {fz * 1e3:8.1f} ms/case  {fz / floor:5.2f}x floor")
+    print(f"  numpy fallback             {npy * 1e3:8.1f} ms/case  {npy / floor:5.2f}x floor")
+    print(f"  numpy / fused              {npy / fz:5.2f}x")
+    return {"kernel floor ms": floor * 1e3, "kernel fused ms": fz * 1e3,
+            "kernel numpy ms": npy * 1e3}
+
+
+def _first_call_cost() -> tuple[float, float]:
+    """Seconds of numba's first call in a fresh process: with an empty cache (compile)
+    and with the cache the first process wrote (load)."""
+    code = (
+        "import time, numpy as np\nfrom stats import fused\n"
+        "from stats.transforms import arcsin_sqrt, ln\n"
+        "v = np.ones(64, np.float32); c = np.ones(64, np.uint8)\nt = time.perf_counter()\n"
+        "fused.region_partials(v, c, 5, {'ln': ln(1.0), 'a': arcsin_sqrt(2.0)},"
+        " edges=np.linspace(0.0, 2.0, 9), clamp=(0.0, 2.0))\n"
+        "print(time.perf_counter() - t)\n")
+    with tempfile.TemporaryDirectory() as cache:
+        env = {**os.environ, "NUMBA_CACHE_DIR": cache}
+        out = [float(subprocess.run([sys.executable, "-c", code], capture_output=True,
+                                    text=True, check=True, env=env).stdout.split()[-1])
+               for _ in range(2)]
+    return out[0], out[1]
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description="statistics engine benchmark")
     parser.add_argument("--cases", type=int, default=16)
     parser.add_argument("--workdir", type=Path, default=Path(".bench/stats"))
     parser.add_argument("--skip-dask", action="store_true", help="skip dask.array.stats (slow)")
+    parser.add_argument("--kernel-only", action="store_true",
+                        help="only the per-case kernel table (fused vs numpy vs floor)")
+    parser.add_argument("--repeats", type=int, default=5, help="repeats per case (kernel table)")
     args = parser.parse_args()
     args.workdir.mkdir(parents=True, exist_ok=True)
     url, cases = _prepare(args.workdir, args.cases)
+    compile_s, load_s = _first_call_cost()
+    print(f"numba first call in a fresh process: compile {compile_s:.2f} s (empty cache), "
+          f"load {load_s:.2f} s (cached, once per worker process)")
+    kernel = _kernel_table(url, "bench16", args.repeats)
+    if args.kernel_only:
+        print(json.dumps({k: round(v, 3) for k, v in kernel.items()}))
+        return
 
     import dask
     import dask.array as da
@@ -111,6 +201,17 @@ def main() -> None:
         run_stats(url, "bench16", scheduler=cluster.scheduler_address, recompute=True)
         results["ours (xrai stats, full)"] = full = time.perf_counter() - t0
 
+        # the same run with the numpy fallback kernel in the workers (issue 14)
+        from stats.fused import ENV_VAR
+
+        client.run(os.environ.__setitem__, ENV_VAR, "numpy")
+        try:
+            t0 = time.perf_counter()
+            run_stats(url, "bench16", scheduler=cluster.scheduler_address, recompute=True)
+            results["ours, numpy fallback kernel"] = time.perf_counter() - t0
+        finally:
+            client.run(os.environ.pop, ENV_VAR, None)
+
         if not args.skip_dask:
             group = zarr.open_group(url, path="bench16", mode="r")
             image = da.from_zarr(group["image"])[: len(ids)]
@@ -135,8 +236,10 @@ def main() -> None:
 
     # scipy on the volumes in memory (load not timed), one channel at a time
     scipy_time = 0.0
+    records = store.committed()
     for c in range(4):
-        x = np.stack([store.group["image"][store.committed()[i].slot, c] for i in ids]).ravel()
+        x = np.stack([store.read_image(i, store.channels[c], record=records[i])
+                      for i in ids]).ravel()
         t0 = time.perf_counter()
         scipy.stats.skew(x)
         scipy.stats.kurtosis(x)
@@ -155,7 +258,7 @@ def main() -> None:
     rss16 = _peak_rss_mb(url, "bench16")
     print(f"peak memory of the engine (synchronous, one process): 8 cases {rss8:.0f} MiB, "
           f"16 cases {rss16:.0f} MiB (ratio {rss16 / rss8:.2f})")
-    print(json.dumps({k: round(v, 3) for k, v in results.items()}))
+    print(json.dumps({k: round(v, 3) for k, v in {**results, **kernel}.items()}))
 
 
 if __name__ == "__main__":

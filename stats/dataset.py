@@ -1,9 +1,10 @@
 """Per-case partial statistics and their merge into dataset statistics (no I/O).
 
-One case is read once: for every channel the hot kernel (`stats.kernels.region_partials`)
-returns, per region code, the moment partials of the raw intensities and of every
-candidate transform, and a fixed-edge histogram; the label statistics come from the same
-in-memory arrays. These `CasePartials` are what the store persists (keyed by the case's
+One case is read once: for every channel the hot kernel (`stats.fused.region_partials`,
+compiled, one pass; `stats.kernels.region_partials` is its numpy fallback) returns, per
+region code, the moment partials of the raw intensities and of every candidate
+transform, and a fixed-edge histogram; the label statistics come from the same in-memory
+arrays. These `CasePartials` are what the store persists (keyed by the case's
 content hash and the engine configuration), so adding or changing a case recomputes that
 case only and re-merges.
 
@@ -29,10 +30,11 @@ from typing import Any
 import numpy as np
 from scipy import ndimage
 
+from stats import fused
 from stats import moments as mom
 from stats.histogram import HistogramPartial, fixed_edges, percentile
 from stats.histogram import merge as merge_hist
-from stats.kernels import IDENTITY, region_partials
+from stats.kernels import IDENTITY, RegionPartials, region_partials
 from stats.moments import MomentPartial
 from stats.summary import PERCENTILES, CaseLabelStats, Distribution, Histogram, Moments
 from stats.transforms import DERIVED, candidates_for
@@ -292,13 +294,14 @@ def case_partials(case_id: str, content_hash: str, arrays: Mapping[str, np.ndarr
         as `pipeline.store.DatasetStore.read_case` returns them.
     """
     codes = region_codes(arrays["label"], arrays["brain"], arrays["annotated"])
+    kernel = fused.selected()
     channels: dict[str, ChannelPartials] = {}
     for ci, ch in enumerate(config.channels):
         transforms = config.transforms(ch)
         # log10 is ln scaled by 1/ln(10): derived exactly from the ln partial, not computed.
-        funcs = {n: clamped(t.forward, config.channel_scale(ch))
-                 for n, t in transforms.items() if n != IDENTITY and n not in DERIVED}
-        res = region_partials(arrays["image"][ci], codes, N_CODES, funcs, edges=config.edges(ch))
+        computed = {n: t for n, t in transforms.items() if n != IDENTITY and n not in DERIVED}
+        res = _channel_partials(arrays["image"][ci], codes, computed,
+                                config.channel_scale(ch), config.edges(ch), kernel)
         per_code: dict[int, dict[str, MomentPartial]] = {}
         for code in range(1, N_CODES):
             parts = {name: res.moments[name][code] for name in res.moments}
@@ -314,6 +317,20 @@ def case_partials(case_id: str, content_hash: str, arrays: Mapping[str, np.ndarr
     counts = np.array([0] + [first[code][IDENTITY].n for code in range(1, N_CODES)])
     return CasePartials(case_id, content_hash, config.fingerprint(), channels,
                         label_stats(arrays["label"], codes, config.voxel_ml, counts))
+
+
+def _channel_partials(image: np.ndarray, codes: np.ndarray, transforms: Mapping[str, Any],
+                      scale: float, edges: np.ndarray, kernel: str) -> RegionPartials:
+    """Per-code partials of one channel: the fused compiled kernel (`stats.fused`) when
+    selected and able, else the numpy kernel (`stats.kernels.region_partials`), which is
+    also what decides a region holding NaN or ±inf (the fused kernel declines those)."""
+    clamp = (0.0, scale)  # the rule of `clamped`
+    if kernel == "numba" and fused.supports(transforms, clamp):
+        res = fused.region_partials(image, codes, N_CODES, transforms, edges=edges, clamp=clamp)
+        if res is not None:
+            return res
+    funcs = {n: clamped(t.forward, scale) for n, t in transforms.items()}
+    return region_partials(image, codes, N_CODES, funcs, edges=edges)
 
 
 # ----------------------------------------------------------------------- dataset merge

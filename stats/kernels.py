@@ -1,10 +1,13 @@
 """The per-volume kernel: moments (and histograms) of every region of one volume.
 
-:func:`region_partials` is what the dataset engine calls once per (case, channel)
-volume. It reads ``values`` and ``codes`` once, gathers each region's values, and
-accumulates their float64 moments block by block in cache-sized pieces (two-pass inside
-each block, exact shift-formula merge across blocks), optionally for transformed values
-too (ln, log10, ...) and with fixed-edge histograms.
+:func:`region_partials` is the numpy kernel the dataset engine calls once per (case,
+channel) volume when the fused compiled kernel (`stats.fused`) is not used
+(``XRAI_STATS_KERNEL=numpy``, numba missing, a region holding NaN or ±inf), and the
+reference that kernel is tested against. It reads ``values`` and ``codes`` once, gathers
+each region's values, and accumulates their float64 moments block by block in
+cache-sized pieces (two-pass inside each block, exact shift-formula merge across
+blocks), optionally for transformed values too (ln, log10, ...) and with fixed-edge
+histograms.
 """
 
 from __future__ import annotations
@@ -73,8 +76,10 @@ class RegionPartials:
 
 
 def _check_inputs(
-    values: ArrayLike, codes: ArrayLike, n_codes: int
+    values: ArrayLike, codes: ArrayLike, n_codes: int, *, check_range: bool = True
 ) -> tuple[NDArray[Any], NDArray[Any]]:
+    """Flat views of values and codes, checked; ``check_range=False`` leaves the code range
+    to the caller (the fused kernel checks it in its own pass, saving two reads)."""
     v = np.asarray(values)
     c = np.asarray(codes)
     if v.dtype.kind not in "biuf":
@@ -87,7 +92,7 @@ def _check_inputs(
         raise ValueError(f"values have shape {v.shape!r} but codes have shape {c.shape!r}")
     if isinstance(n_codes, bool) or not isinstance(n_codes, numbers.Integral) or n_codes < 1:
         raise ValueError(f"n_codes must be an integer >= 1, got {n_codes!r}")
-    if c.size:
+    if check_range and c.size:
         lo, hi = int(c.min()), int(c.max())
         if lo < 0 or hi >= n_codes:
             bad = lo if lo < 0 else hi
