@@ -16,7 +16,7 @@ from rich.table import Table
 
 from pipeline.cli_checks import check_dataset_name, check_device, check_store, people
 from pipeline.errors import XraiError
-from pipeline.store import DatasetStore, Grid
+from pipeline.grid import Grid
 
 app = typer.Typer(
     name="xrai",
@@ -212,6 +212,8 @@ def ingest(
 
 def print_dataset_summary(store: str, dataset: str) -> None:
     """Cases, grid, channels and per-case label volumes of a stored dataset."""
+    from pipeline.store import DatasetStore
+
     ds = DatasetStore.open(store, dataset)
     records = ds.committed()
     grid = ds.grid
@@ -330,6 +332,7 @@ def verify(
     2 usage error. Repair: re-run `xrai ingest` on the source (cases with missing chunks
     are re-ingested) or `xrai ingest --recompute` (every case).
     """
+    from pipeline.store import DatasetStore
     from pipeline.verify import verify_dataset
 
     try:
