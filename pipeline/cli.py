@@ -304,8 +304,9 @@ def stats_command(
     out: Annotated[Path, typer.Option(
         dir_okay=False, help="Where to write the statistics JSON.")] = Path("stats.json"),
     scheduler: Annotated[str | None, typer.Option(
-        help="Dask scheduler address (tcp://…); default starts a local cluster; "
-             "'synchronous' runs in this process.")] = None,
+        help="Dask scheduler address (tcp://…); 'local' starts a local cluster; "
+             "'synchronous' runs in this process; default: in this process for a small "
+             "job, a local cluster beyond about 1 Gvox.")] = None,
     recompute: Annotated[bool, typer.Option(help="Ignore persisted per-case statistics.")] = False,
     storage_option: StorageOptionArg = None,
     wait: Annotated[float, typer.Option(
@@ -435,7 +436,8 @@ def demo(
     seed: Annotated[int, typer.Option(help="Phantom seed.")] = 0,
     workers: Annotated[int, typer.Option(min=1, help="Ingest worker processes.")] = 2,
     scheduler: Annotated[str | None, typer.Option(
-        help="Dask scheduler for the statistics (default: a local cluster).")] = None,
+        help="Dask scheduler for the statistics (see `xrai stats --help`; default chosen "
+             "by the job's size).")] = None,
     epochs: Annotated[int, typer.Option(min=0, help="Training epochs per fold; 0 skips training.")] = 4,
     device: Annotated[str, typer.Option(help="auto (CUDA when present, else CPU), cpu, cuda "
                                               "or cuda:N.", callback=check_device)] = "auto",

@@ -289,8 +289,30 @@ def test_local_dask_cluster_and_existing_scheduler_give_the_same_numbers(store_w
 
     url, _, _ = store_with_cases
     ref = run_stats(url, "ds", scheduler="synchronous", recompute=True)
-    local = run_stats(url, "ds", recompute=True)  # starts its own LocalCluster
+    local = run_stats(url, "ds", scheduler="local", recompute=True)  # its own LocalCluster
     with LocalCluster(n_workers=1, threads_per_worker=1, processes=True,
                       dashboard_address=None) as cluster:
         remote = run_stats(url, "ds", scheduler=cluster.scheduler_address, recompute=True)
     assert _json(local.intensity) == _json(ref.intensity) == _json(remote.intensity)
+
+
+def test_the_default_scheduler_follows_the_size_of_the_job(store_with_cases, monkeypatch):
+    """A small job runs in this process (no cluster start-up); a large one, or "local",
+    starts the local cluster; an address is used as given."""
+    from pipeline import stats_runner as sr
+
+    url, _, _ = store_with_cases
+    seen = []
+    real = sr.run_jobs
+
+    def spy(jobs, scheduler="synchronous", on_done=None):
+        seen.append(scheduler)
+        return real(jobs, "synchronous", on_done)
+
+    monkeypatch.setattr(sr, "run_jobs", spy)
+    run_stats(url, "ds", recompute=True)
+    run_stats(url, "ds", scheduler="local", recompute=True)
+    monkeypatch.setattr(sr, "IN_PROCESS_MAX_VOXELS", 1)
+    run_stats(url, "ds", recompute=True)
+    run_stats(url, "ds", scheduler="tcp://127.0.0.1:1", recompute=True)
+    assert seen == ["synchronous", None, None, "tcp://127.0.0.1:1"]
