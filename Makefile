@@ -10,7 +10,7 @@ DEMO_DIR ?= runs/demo
 export DO_NOT_TRACK := 1
 export PREFECT_SERVER_ANALYTICS_ENABLED := false
 
-.PHONY: setup demo test lint evidence bench bench-ingest bench-stats bench-train
+.PHONY: setup demo test lint evidence bench bench-ingest bench-stats bench-train bench-scaling
 
 setup: $(STAMP)
 
@@ -48,6 +48,11 @@ bench-stats: setup
 
 bench-train: setup
 	$(PY) -m benchmarks.bench_train
+
+# The statistics stage's cost model, checked on a real dask scheduler + worker processes;
+# rewrites docs/scaling.md from the run.
+bench-scaling: setup
+	$(PY) -m benchmarks.bench_scaling --write-doc docs/scaling.md
 
 bench: bench-ingest bench-stats bench-train
 
