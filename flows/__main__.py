@@ -37,13 +37,24 @@ def pipeline(
     dask_address: Annotated[str | None, typer.Option(
         help="Existing Dask scheduler (tcp://host:8786); default a local cluster.")] = None,
     workers: Annotated[int, typer.Option(min=1, help="Local Dask workers.")] = 2,
-    train: Annotated[bool, typer.Option(help="Train after the manifest.")] = False,
-    epochs: Annotated[int, typer.Option(min=1, help="Epochs per fold when training.")] = 2,
+    train: Annotated[bool, typer.Option(
+        help="Train after the manifest (a short run: the training artifacts, not "
+             "conclusions; the train-DATASET deployment trains longer).")] = True,
+    losses: Annotated[str, typer.Option(
+        help="Comma-separated losses to train ('manifest' or registry names).")
+    ] = "manifest,dice,bce",
+    epochs: Annotated[int, typer.Option(min=1, help="Epochs per fold when training.")] = 1,
     folds: Annotated[int, typer.Option(min=2, help="Folds when training.")] = 2,
     recompute: Annotated[bool, typer.Option(help="Redo unchanged cases too.")] = False,
 ) -> None:
     """Source → ingest → stats → manifest (→ train) for one dataset."""
-    from flows.config import DaskOptions, DatasetConfig, LocalSource, TrainOptions, parse_source
+    from flows.config import (
+        DaskOptions,
+        DatasetConfig,
+        LocalSource,
+        parse_source,
+        quick_train_options,
+    )
     from flows.pipeline_flow import pipeline_flow
 
     out_dir = out or Path("runs") / dataset
@@ -53,12 +64,17 @@ def pipeline(
     config = DatasetConfig(
         name=dataset, source=src, store=store or str(out_dir / "store.zarr"),
         out_dir=str(out_dir), dask=DaskOptions(address=dask_address, workers=workers),
-        train=TrainOptions(epochs=epochs, folds=folds) if train else None)
+        train=quick_train_options(losses=tuple(losses.split(",")), epochs=epochs,
+                                  folds=folds) if train else None)
     result = pipeline_flow(config, recompute=recompute)
     typer.echo(f"{dataset}: {len(result.ingest.ingested)} ingested, "
                f"{len(result.ingest.unchanged)} unchanged, "
                f"{len(result.ingest.quarantined)} quarantined; manifest {result.manifest.path}; "
                f"loss {result.manifest.loss}")
+    if result.train is not None:
+        typer.echo(f"{dataset}: trained {', '.join(e['loss'] for e in result.train.summary)} "
+                   f"in {result.train.out_dir}; artifacts "
+                   f"{', '.join(result.train.artifacts.values())}")
 
 
 @app.command()

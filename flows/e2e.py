@@ -29,7 +29,8 @@ from pathlib import Path
 
 from pipeline.errors import XraiError
 
-ARTIFACT_KINDS = ("dataset-summary", "quarantine", "statistics", "transforms", "loss-config")
+ARTIFACT_KINDS = ("dataset-summary", "quarantine", "statistics", "transforms", "loss-config",
+                  "verdict")
 STAGES = ("ingest", "stats", "manifest")
 
 
@@ -89,8 +90,10 @@ def wait_healthy(api: str, proc: subprocess.Popen, timeout: float) -> float:
     raise CheckFailed(f"{api}/health did not answer within {timeout:.0f} s")
 
 
-def check_run(api: str, dataset: str) -> list[str]:
+def check_run(api: str, dataset: str, store: str) -> list[str]:
     """The API's view of the latest pipeline run; the lines to print."""
+    from flows.artifacts import artifact_key  # imports Prefect: only once the server runs
+
     status, body = http("POST", f"{api}/flow_runs/filter", {
         "flows": {"name": {"any_": ["pipeline"]}}, "sort": "START_TIME_DESC", "limit": 1})
     runs = json.loads(body) if status == 200 else []
@@ -110,7 +113,7 @@ def check_run(api: str, dataset: str) -> list[str]:
             raise CheckFailed(f"subflow {stage!r} has no completed run")
         lines.append(f"subflow {stage}: COMPLETED")
     for kind in ARTIFACT_KINDS:
-        key = f"{kind}-{dataset}"
+        key = artifact_key(kind, dataset, store)
         status, body = http("POST", f"{api}/artifacts/filter",
                             {"artifacts": {"key": {"any_": [key]}}, "limit": 1})
         found = json.loads(body) if status == 200 else []
@@ -170,7 +173,8 @@ def main(argv: list[str] | None = None) -> int:
             raise CheckFailed(f"the pipeline flow exited with status {run.returncode}")
         print(f"pipeline: finished in {time.monotonic() - t0:.1f} s: {run.stdout.strip()}",
               flush=True)
-        for line in check_run(api, dataset) + check_ui(base, api):
+        store = str(work / dataset / "store.zarr")  # the pipeline command's default
+        for line in check_run(api, dataset, store) + check_ui(base, api):
             print("ok   " + line, flush=True)
     except (CheckFailed, subprocess.TimeoutExpired) as err:
         print(f"FAIL {err} (server log: {work / 'server.log'})", file=sys.stderr, flush=True)

@@ -98,9 +98,11 @@ def ingest_flow(source_dir: str, store: str, dataset: str, layout: str = "auto",
     report = IngestReport(dataset=dataset, store=store, outcomes=tuple(outcomes))
     ds = DatasetStore.open(store, dataset)
     publish_markdown("dataset-summary", dataset, dataset_summary_markdown(ds, dataset, outcomes),
-                     f"Dataset {dataset}: grid, channels, cases and what this run did")
+                     f"Dataset {dataset}: grid, channels, cases and what this run did",
+                     store=store)
     publish_table("quarantine", dataset, quarantine_rows(ds),
-                  f"Quarantined cases of {dataset} with the reason and the file at fault")
+                  f"Quarantined cases of {dataset} with the reason and the file at fault",
+                  store=store)
     result = IngestResult(
         dataset=dataset, store=store, layout=chosen,
         ingested=[o.case_id for o in report.by_status("ingested")],

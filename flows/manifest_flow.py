@@ -3,8 +3,10 @@
 Builds the manifest (`stats.manifest.build_manifest`), compares its decisions with the
 manifest already at `out_path` (`stats.manifest.decision_changes`) and writes it
 (always, or with ``only_if_changed`` only when a decision changed or there was none).
-Publishes the chosen transforms with their evidence and the loss configuration with
-its reasons.
+Publishes the transforms in use (one row per channel, with the histograms before and
+after, `flows.artifacts.intensity_picture`) and the loss configuration with the full
+evidence of every rule, keyed ``<kind>-<dataset>-<store id>`` (the store the statistics
+name); their ids are returned for the pipeline's verdict to link to.
 """
 
 from __future__ import annotations
@@ -12,7 +14,13 @@ from __future__ import annotations
 from prefect import flow, get_run_logger
 from pydantic import BaseModel, ConfigDict
 
-from flows.artifacts import loss_markdown, publish_markdown, transforms_markdown
+from flows.artifacts import (
+    intensity_picture,
+    loss_markdown,
+    loss_text,
+    publish_markdown,
+    transforms_markdown,
+)
 from flows.tasks import make_manifest, read_manifest, save_manifest
 from pipeline.stats_runner import read_stats
 from stats.manifest import decision_changes
@@ -30,6 +38,7 @@ class ManifestResult(BaseModel):
     written: bool
     changes: list[str] | None
     loss: str
+    artifacts: dict[str, str] = {}  # kind -> artifact id (transforms, loss-config)
 
 
 @flow(name="manifest")
@@ -67,12 +76,14 @@ def manifest_flow(stats_path: str, out_path: str, seed: int = 0,
     for change in changes or ():
         logger.info("decision changed: %s", change)
     logger.info("manifest %s %s", out_path, "written" if write else "kept (no decision changed)")
-    name = stats.dataset
-    publish_markdown("transforms", name, transforms_markdown(shown),
-                     f"{name}: transform chosen per distribution, with the evidence")
-    publish_markdown("loss-config", name, loss_markdown(shown),
-                     f"{name}: loss terms, weighting and the rules that chose them")
-    spec = shown.loss_spec()
-    loss = " + ".join(f"{t['weight']:g}·{t['name']}" for t in spec["terms"])
+    name, store = stats.dataset, stats.store
+    transforms = publish_markdown(
+        "transforms", name,
+        transforms_markdown(shown, stats, picture=intensity_picture(stats, shown)),
+        f"{name}: transform in use per channel, before and after", store=store)
+    loss = publish_markdown("loss-config", name, loss_markdown(shown),
+                            f"{name}: loss terms, weighting and the evidence of every rule",
+                            store=store)
     return ManifestResult(path=out_path, written=write, changes=changes,
-                          loss=f"{loss}, weighting {spec['weighting']['method']}")
+                          loss=loss_text(shown),
+                          artifacts={"transforms": transforms.id, "loss-config": loss.id})

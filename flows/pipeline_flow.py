@@ -8,6 +8,13 @@ UI with its artifacts. Outputs go to ``config.out_dir``: ``stats.json``,
 From ingest to the manifest a run holds the dataset's write slot
 (`flows.concurrency.dataset_write_slot`), so two runs on one dataset take turns
 there instead of interleaving their stages.
+
+After the manifest, the run itself (``pipeline``, or ``reprocess`` through `run_stages`)
+publishes the ``verdict`` artifact (`flows.artifacts.verdict_markdown`, key
+``verdict-<dataset>-<store id>``): the chosen loss, one short row per rule and a small
+picture of R1, R2 and R5 against their thresholds, with links to the subflows'
+``loss-config``, ``transforms`` and ``statistics`` artifacts of the same run. It sits
+on the parent run, so the run's own Artifacts tab is not empty.
 """
 
 from __future__ import annotations
@@ -17,6 +24,13 @@ from pathlib import Path
 from prefect import flow, get_run_logger
 from pydantic import BaseModel, ConfigDict
 
+from flows.artifacts import (
+    Published,
+    artifact_url,
+    publish_markdown,
+    rules_picture,
+    verdict_markdown,
+)
 from flows.concurrency import dataset_write_slot
 from flows.config import DatasetConfig, DownloadSource, LocalSource, PhantomSource
 from flows.download_flow import download_flow
@@ -26,6 +40,8 @@ from flows.stats_flow import StatsResult, stats_flow
 from flows.tasks import write_phantom_source
 from flows.train_flow import TrainResult, train_flow
 from pipeline.errors import XraiError
+from pipeline.manifest_io import load_manifest
+from pipeline.stats_runner import read_stats
 
 STATS_FILE = "stats.json"
 MANIFEST_FILE = "manifest.json"
@@ -77,6 +93,7 @@ def run_stages(config: DatasetConfig, *, recompute: bool, only_if_changed: bool,
                            recompute=recompute)
         manifest = manifest_flow(stats.path, str(out / MANIFEST_FILE), seed=config.seed,
                                  only_if_changed=only_if_changed)
+    publish_verdict(config, stats, manifest)
     trained = None
     if config.train is not None and (train is None or train):
         trained = train_flow(manifest.path, config.store, config.name, str(out / TRAIN_DIR),
@@ -85,6 +102,22 @@ def run_stages(config: DatasetConfig, *, recompute: bool, only_if_changed: bool,
                 len(ingested.ingested) + len(ingested.unchanged), manifest.loss)
     return PipelineResult(dataset=config.name, ingest=ingested, stats=stats,
                           manifest=manifest, train=trained)
+
+
+def publish_verdict(config: DatasetConfig, stats: StatsResult,
+                    manifest: ManifestResult) -> Published:
+    """The ``verdict`` artifact of the current flow run (see the module notes)."""
+    shown = load_manifest(manifest.path)
+    ids = {"loss-config": manifest.artifacts.get("loss-config"),
+           "transforms": manifest.artifacts.get("transforms"), "statistics": stats.artifact}
+    text = {"loss-config": "rules and loss (loss-config)", "transforms": "transforms",
+            "statistics": "statistics"}
+    links = {text[k]: artifact_url(v) for k, v in ids.items() if v}
+    md = verdict_markdown(shown, store=config.store, links=links, written=manifest.written,
+                          picture=rules_picture(read_stats(stats.path)))
+    return publish_markdown("verdict", config.name, md,
+                            f"{config.name}: chosen loss and the decision of every rule",
+                            store=config.store)
 
 
 @flow(name="pipeline")

@@ -70,7 +70,7 @@ def reprocess_flow(config: DatasetConfig) -> ReprocessResult:
         quarantined=run.ingest.quarantined, missing_at_source=missing,
         computed=run.stats.computed, reused=run.stats.reused,
         decision_changes=run.manifest.changes, manifest_written=run.manifest.written,
-        trained=retrain), f"{config.name}: what reprocessing found and did")
+        trained=retrain), f"{config.name}: what reprocessing found and did", store=config.store)
     logger.info("reprocess %s: %d new or changed, decisions changed: %s, retrained: %s",
                 config.name, len(changed), run.manifest.changes, retrain)
     return ReprocessResult(run=run, changed=changed, missing_at_source=missing,

@@ -7,7 +7,8 @@ per case to compute); each job is one `flows.tasks.case_stats` task on the Dask 
 runner (`StatsJob.run`: compute and persist the case's partials); `flows.tasks.merge_stats`
 merges the reused and the computed partials (`pipeline.stats_runner.merge_stats`) and
 writes the statistics JSON. The flow adds the tasks, their retries and the statistics
-table it publishes.
+artifact it publishes (tables and the label distributions with the rule thresholds,
+`flows.artifacts.label_picture`; key ``statistics-<dataset>-<store id>``).
 
 From the plan to the statistics JSON the flow holds the dataset's write slot
 (`flows.concurrency.dataset_write_slot`) and the store's writer lease
@@ -21,7 +22,7 @@ from prefect import flow, get_run_logger
 from prefect.utilities.annotations import quote
 from pydantic import BaseModel, ConfigDict
 
-from flows.artifacts import publish_markdown, statistics_markdown
+from flows.artifacts import label_picture, publish_markdown, statistics_markdown
 from flows.concurrency import dataset_write_slot
 from flows.config import DaskOptions
 from flows.ingest_flow import LEASE_WAIT
@@ -40,6 +41,7 @@ class StatsResult(BaseModel):
     content_hash: str
     computed: list[str]
     reused: list[str]
+    artifact: str | None = None  # id of the statistics artifact
 
 
 @flow(name="stats")
@@ -75,8 +77,10 @@ def stats_flow(store: str, dataset: str, out_path: str, dask: DaskOptions = Dask
         # quote: the partials go to the task as they are, without Prefect walking them
         stats = merge_stats(quote(plan), quote(computed), out_path)
     computed_ids, reused_ids = plan.computed_ids, plan.reused_ids
-    publish_markdown("statistics", dataset,
-                     statistics_markdown(stats, computed=computed_ids, reused=reused_ids),
-                     f"Statistics of {dataset}: intensity moments and label distributions")
+    published = publish_markdown(
+        "statistics", dataset,
+        statistics_markdown(stats, computed=computed_ids, reused=reused_ids,
+                            picture=label_picture(stats)),
+        f"Statistics of {dataset}: intensity moments and label distributions", store=store)
     return StatsResult(path=out_path, dataset=dataset, content_hash=stats.content_hash,
-                       computed=computed_ids, reused=reused_ids)
+                       computed=computed_ids, reused=reused_ids, artifact=published.id)

@@ -202,16 +202,19 @@ def benchmark(manifest_path: str, store_url: str, dataset: str, out_dir: str,
     same translation of the options as ``xrai train``'s.
 
     Returns (summary markdown, summary rows, failures). With ``resume`` (the default)
-    a retry continues from the checkpoints already written.
+    a retry continues from the checkpoints already written. A line per epoch (loss,
+    term weights, validation Dice, time left) goes to the run's log
+    (`pipeline.train.progress.ProgressLog`).
     """
     from pipeline.train.benchmark import load_training_manifest
     from pipeline.train.options import run_training
+    from pipeline.train.progress import ProgressLog
 
     store = DatasetStore.open(store_url, dataset)
     checked = load_training_manifest(manifest_path, store.channels)
     result = run_training(options, store_url=store_url, dataset=dataset, out_dir=out_dir,
                           plan=checked.plan, manifest_spec=checked.loss_spec,
-                          manifest_path=manifest_path)
+                          manifest_path=manifest_path, progress=ProgressLog(run_logger()))
     return result.markdown(), result.summary, dict(result.failures)
 
 

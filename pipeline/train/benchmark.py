@@ -72,6 +72,18 @@ TABLE_COLUMNS: tuple[tuple[str, str], ...] = (
 )
 """Summary columns in the thesis's order (Acc, Dice, F2, IoU, Precision, Recall, HD)."""
 
+OPTIONAL_OUTPUTS: tuple[str, ...] = ("paired.md", "paired.json", "paired_dice.png",
+                                      "adaptive.png", "overlays.png")
+"""Files of the run directory that only some runs write; `run_benchmark` removes them
+first, so the folder never shows one from an earlier run beside this run's results."""
+
+#: The per-case outlier rule (`case_outliers`): a loss fails a case another loss gets
+#: right when the other's Dice is above 0.5 and this one's is below 0.1 or below half of
+#: the other's.
+OUTLIER_FAIL_BELOW = 0.1
+OUTLIER_RATIO = 0.5
+OUTLIER_SUCCEED_ABOVE = 0.5
+
 PAIRED_METRICS: tuple[str, ...] = ("dice", "hd95", "precision", "recall")
 """Metrics of the paired table, in its order."""
 
@@ -385,6 +397,65 @@ def paired_table(per_case_rows: Sequence[Mapping[str, Any]], reference_loss: str
     return out
 
 
+def case_outliers(per_case_rows: Sequence[Mapping[str, Any]], *, metric: str = "dice",
+                  fail_below: float = OUTLIER_FAIL_BELOW, ratio: float = OUTLIER_RATIO,
+                  succeed_above: float = OUTLIER_SUCCEED_ABOVE) -> list[dict[str, Any]]:
+    """Cases where one loss fails and another does not.
+
+    For every validation case and every ordered pair of losses (A, B) with both values
+    defined, A *fails where B does not* when
+
+    ``dice_B > succeed_above and (dice_A < fail_below or dice_A < ratio * dice_B)``
+
+    (defaults 0.5, 0.1, 0.5: B segments the case, A misses it or gets less than half of
+    B's overlap). Such cases are where the mean differences come from, and the ones to
+    look at first.
+
+    Parameters
+    ----------
+    per_case_rows : sequence of mapping
+        Rows of ``metrics_per_case`` (``loss``, ``fold``, ``case``, `metric`).
+    metric : str, default "dice"
+        A higher-is-better ratio metric.
+    fail_below, ratio, succeed_above : float
+        The rule's thresholds.
+
+    Returns
+    -------
+    list of dict
+        ``{"case", "fold", "failing", "failing_dice", "succeeding", "succeeding_dice",
+        "difference"}`` (difference = succeeding − failing), sorted by case, then by
+        difference (largest first).
+
+    Examples
+    --------
+    >>> rows = [{"loss": "m", "fold": 0, "case": "c1", "dice": 0.05},
+    ...         {"loss": "bce", "fold": 0, "case": "c1", "dice": 0.80},
+    ...         {"loss": "m", "fold": 0, "case": "c2", "dice": 0.70},
+    ...         {"loss": "bce", "fold": 0, "case": "c2", "dice": 0.60}]
+    >>> [(o["case"], o["failing"], o["succeeding"]) for o in case_outliers(rows)]
+    [('c1', 'm', 'bce')]
+    """
+    by_case: dict[str, dict[str, Mapping[str, Any]]] = {}
+    for row in per_case_rows:
+        by_case.setdefault(str(row["case"]), {})[str(row["loss"])] = row
+    out: list[dict[str, Any]] = []
+    for case in sorted(by_case):
+        rows = by_case[case]
+        found = []
+        for a, ra in rows.items():
+            for b, rb in rows.items():
+                da, db = float(ra[metric]), float(rb[metric])
+                if a == b or math.isnan(da) or math.isnan(db):
+                    continue
+                if db > succeed_above and (da < fail_below or da < ratio * db):
+                    found.append({"case": case, "fold": ra.get("fold"), "failing": a,
+                                  "failing_dice": da, "succeeding": b, "succeeding_dice": db,
+                                  "difference": db - da})
+        out += sorted(found, key=lambda o: -o["difference"])
+    return out
+
+
 def paired_caveat(rows: Sequence[PairedRow]) -> str | None:
     """A plain sentence when the paired table is not evidence; None when it all is.
 
@@ -515,7 +586,9 @@ def run_benchmark(store_url: str, dataset: str, losses: Sequence[str], *,
     resume : bool, default True
         Reuse finished folds and continue from checkpoints in ``out_dir``.
     progress : callable, optional
-        Receives the loop's progress events plus ``{"kind": "fold_done", ...}``.
+        Receives ``{"kind": "start", "losses", "folds", "epochs"}`` first, then the
+        loop's progress events (`train_fold`) and ``{"kind": "fold_done", "loss",
+        "fold", "dice"}`` after each fold.
 
     Returns
     -------
@@ -542,6 +615,11 @@ def run_benchmark(store_url: str, dataset: str, losses: Sequence[str], *,
         "registry": sorted(LOSSES),
     }
     write_text_atomic(out_dir / "config.json", json.dumps(config, indent=1))
+    for stale in OPTIONAL_OUTPUTS:  # written only by some runs: never left from an earlier one
+        (out_dir / stale).unlink(missing_ok=True)
+    if progress:
+        progress({"kind": "start", "losses": list(specs), "folds": len(splits),
+                  "epochs": cfg.epochs})
     spacing_zyx = tuple(float(s) for s in store.grid.spacing[::-1])
     channels = list(store.channels)
     overlay_channel = channels.index("t2f") if "t2f" in channels else 0
@@ -595,65 +673,110 @@ def _pyplot() -> Any:
     return plt
 
 
+#: Resolution of the run's PNGs: readable, and small enough (well under 300 KB) to embed
+#: in a Prefect artifact.
+PLOT_DPI = 90
+
+
+def _loss_colors(losses: Sequence[str]) -> dict[str, Any]:
+    plt = _pyplot()
+    cmap = plt.get_cmap("tab10")
+    return {loss: cmap(i % 10) for i, loss in enumerate(losses)}
+
+
+def _integer_epochs(ax: Any) -> None:
+    from matplotlib.ticker import MaxNLocator
+
+    ax.xaxis.set_major_locator(MaxNLocator(integer=True))
+    ax.set_xlabel("epoch")
+    ax.grid(alpha=0.3)
+
+
 def plot_curves(results: Sequence[FoldResult], path: Path) -> Path | None:
-    """Training loss and validation Dice per epoch, one panel per loss, one line per fold."""
+    """Training loss and validation Dice per epoch of every loss on one chart each.
+
+    One colour per loss, one line style per fold (markers, so a one-epoch run shows
+    points);
+    the training losses are each on their own scale, so the left panel compares their
+    shapes, the right one (validation Dice, 0-1) their results.
+    """
     if not results:
         return None
     plt = _pyplot()
     losses = list(dict.fromkeys(r.loss for r in results))
-    fig, axes = plt.subplots(2, len(losses), figsize=(3.2 * len(losses), 5.5), squeeze=False)
-    for j, loss in enumerate(losses):
-        for r in (r for r in results if r.loss == loss):
-            ep = [h["epoch"] for h in r.history]
-            axes[0, j].plot(ep, [h["train_loss"] for h in r.history], label=f"fold {r.fold}")
-            val = [(h["epoch"], h["val_dice"]) for h in r.history if "val_dice" in h]
-            if val:
-                axes[1, j].plot(*zip(*val, strict=True), marker="o", label=f"fold {r.fold}")
-        axes[0, j].set_title(loss)
-        axes[0, j].set_xlabel("epoch")
-        axes[1, j].set_xlabel("epoch")
-        axes[1, j].set_ylim(0, 1)
-    axes[0, 0].set_ylabel("training loss")
-    axes[1, 0].set_ylabel("validation Dice")
-    axes[0, 0].legend(fontsize=7)
-    fig.tight_layout()
-    save_figure(fig, path, dpi=100)
+    colors = _loss_colors(losses)
+    fig, axes = plt.subplots(1, 2, figsize=(10, 4), squeeze=False)
+    styles = ("-", "--", ":", "-.")
+    for r in results:
+        ep = [h["epoch"] for h in r.history]
+        ls = styles[r.fold % len(styles)]
+        axes[0, 0].plot(ep, [h["train_loss"] for h in r.history], ls, marker="o", ms=3,
+                        color=colors[r.loss])
+        val = [(h["epoch"], h["val_dice"]) for h in r.history if "val_dice" in h]
+        if val:
+            axes[0, 1].plot(*zip(*val, strict=True), ls, marker="o", ms=4,
+                            color=colors[r.loss])
+    axes[0, 0].set_title("training loss (epoch mean)")
+    axes[0, 0].set_ylabel("loss (each loss's own scale)")
+    axes[0, 1].set_title("validation Dice (whole tumour)")
+    axes[0, 1].set_ylabel("Dice")
+    axes[0, 1].set_ylim(0, 1)
+    for ax in axes[0]:
+        _integer_epochs(ax)
+    from matplotlib.lines import Line2D
+
+    folds = sorted({r.fold for r in results})
+    handles = [Line2D([], [], color=colors[loss], marker="o", label=loss) for loss in losses]
+    handles += [Line2D([], [], color="gray", ls=styles[f % len(styles)], label=f"fold {f + 1}")
+                for f in folds]
+    fig.legend(handles=handles, loc="lower center", ncol=min(len(handles), 6), fontsize=8,
+               frameon=False)
+    fig.tight_layout(rect=(0, 0.06 * (1 + (len(handles) - 1) // 6), 1, 1))
+    save_figure(fig, path, dpi=PLOT_DPI)
     plt.close(fig)
     return path
 
 
 def plot_adaptive(results: Sequence[FoldResult], path: Path) -> Path | None:
-    """Effective term weights of manifest losses and adaptive-Tversky alpha/beta per epoch."""
+    """Effective term weights of manifest losses and adaptive-Tversky α/β per epoch."""
     series = [r for r in results if any(h.get("weights") for h in r.history)
               or any(h.get("alpha") is not None for h in r.history)]
     if not series:
         return None
     plt = _pyplot()
-    fig, axes = plt.subplots(1, 2, figsize=(10, 3.8), squeeze=False)
+    fig, axes = plt.subplots(1, 2, figsize=(11, 4), squeeze=False)
     for r in series:
         ep = [h["epoch"] for h in r.history]
         w = [h["weights"] for h in r.history]
         if w and w[0]:
-            for i, name in enumerate(r.term_names or range(len(w[0]))):
-                axes[0, 0].plot(ep, [x[i] for x in w], label=f"{r.loss} f{r.fold}: {name}")
+            for i, name in enumerate(r.term_names or [f"term {k}" for k in range(len(w[0]))]):
+                axes[0, 0].plot(ep, [x[i] for x in w], marker="o", ms=3,
+                                label=f"{r.loss} fold {r.fold + 1}: {name}")
         if any(h.get("alpha") is not None for h in r.history):
-            axes[0, 1].plot(ep, [h["alpha"] for h in r.history], label=f"{r.loss} f{r.fold}: α")
-            axes[0, 1].plot(ep, [h["beta"] for h in r.history], "--",
-                            label=f"{r.loss} f{r.fold}: β")
-    axes[0, 0].set_title("term weights (epoch mean)")
-    axes[0, 1].set_title("adaptive Tversky α, β (epoch mean)")
+            axes[0, 1].plot(ep, [h["alpha"] for h in r.history], marker="o", ms=3,
+                            label=f"{r.loss} fold {r.fold + 1}: α (false positives)")
+            axes[0, 1].plot(ep, [h["beta"] for h in r.history], "--", marker="s", ms=3,
+                            label=f"{r.loss} fold {r.fold + 1}: β (false negatives)")
+    axes[0, 0].set_title("manifest loss: effective term weights")
+    axes[0, 0].set_ylabel("weight (epoch mean)")
+    axes[0, 1].set_title("Tversky α, β")
+    axes[0, 1].set_ylabel("α, β (epoch mean)")
     for ax in axes[0]:
-        ax.set_xlabel("epoch")
+        _integer_epochs(ax)
         if ax.lines:
-            ax.legend(fontsize=6)
+            ax.legend(fontsize=7)
+        else:
+            ax.text(0.5, 0.5, "none in this run", ha="center", va="center",
+                    transform=ax.transAxes, color="gray")
     fig.tight_layout()
-    save_figure(fig, path, dpi=100)
+    save_figure(fig, path, dpi=PLOT_DPI)
     plt.close(fig)
     return path
 
 
 def plot_overlays(results: Sequence[FoldResult], path: Path, max_cases: int = 3) -> Path | None:
-    """Axial slice of largest tumour area per case: truth (green) and prediction (red)."""
+    """Axial slice of largest tumour area per case and loss: truth (green), prediction
+    (red), and the case's whole-volume Dice in each panel's title."""
     losses = list(dict.fromkeys(r.loss for r in results))
     cases: list[str] = []
     for r in results:
@@ -664,8 +787,11 @@ def plot_overlays(results: Sequence[FoldResult], path: Path, max_cases: int = 3)
     if not cases:
         return None
     plt = _pyplot()
+    from matplotlib.lines import Line2D
+
     fig, axes = plt.subplots(len(cases), len(losses), figsize=(2.6 * len(losses),
-                                                                2.6 * len(cases)), squeeze=False)
+                                                                2.7 * len(cases) + 0.5),
+                             squeeze=False)
     for j, loss in enumerate(losses):
         by_case = {k.rsplit("/", 1)[0]: r for r in results if r.loss == loss for k in r.overlays}
         for i, cid in enumerate(cases):
@@ -681,19 +807,50 @@ def plot_overlays(results: Sequence[FoldResult], path: Path, max_cases: int = 3)
                            colors="lime", linewidths=0.8)
                 ax.contour(r.overlays[f"{cid}/pred"].astype(float), levels=[0.5],
                            colors="red", linewidths=0.8)
-            ax.set_title(f"{loss}\n{cid}", fontsize=7)
-    fig.tight_layout()
-    save_figure(fig, path, dpi=100)
+            dice = next((c["dice"] for c in r.cases if c["case"] == cid), math.nan)
+            ax.set_title(f"{loss}: Dice {dice:.2f}\n{cid}", fontsize=7)
+    fig.legend(handles=[Line2D([], [], color="lime", label="truth"),
+                        Line2D([], [], color="red", label="prediction")],
+               loc="lower center", ncol=2, fontsize=8, frameon=False)
+    fig.tight_layout(rect=(0, 0.05, 1, 1))
+    save_png_palette(fig, path, dpi=PLOT_DPI)
     plt.close(fig)
     return path
 
 
+def save_png_palette(fig: Any, path: Path, *, dpi: int, colors: int = 96) -> Path:
+    """Save a figure as a palette PNG of `colors` colours, atomically.
+
+    MR slices are noise to PNG's compression: a 3 × 3 overlay grid is about 450 kB in
+    RGBA and 120 kB with a 96-colour palette, which keeps grey levels and contours
+    visibly intact; small enough to embed in a Prefect artifact.
+    """
+    import io
+
+    from PIL import Image
+
+    buf = io.BytesIO()
+    fig.savefig(buf, format="png", dpi=dpi)
+    buf.seek(0)
+    with Image.open(buf) as im:
+        small = im.convert("RGB").quantize(colors=colors, method=Image.Quantize.MEDIANCUT)
+        with open_atomic(Path(path), "wb") as fh:
+            small.save(fh, format="PNG", optimize=True)
+    return Path(path)
+
+
 __all__ = [
+    "OPTIONAL_OUTPUTS",
+    "OUTLIER_FAIL_BELOW",
+    "OUTLIER_RATIO",
+    "OUTLIER_SUCCEED_ABOVE",
     "PAIRED_MARGINS",
     "PAIRED_METRICS",
+    "PLOT_DPI",
     "TABLE_COLUMNS",
     "BenchmarkResult",
     "PairedRow",
+    "case_outliers",
     "fold_means",
     "format_cell",
     "format_difference",
@@ -707,6 +864,7 @@ __all__ = [
     "plot_overlays",
     "resolve_loss_specs",
     "run_benchmark",
+    "save_png_palette",
     "summarize",
     "summary_markdown",
     "write_paired",

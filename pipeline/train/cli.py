@@ -1,4 +1,8 @@
-"""``xrai train``: every named loss under one protocol on a store, with progress bars.
+"""``xrai train``: every named loss under one protocol on a store, with progress.
+
+On a terminal (or with ``XRAI_PROGRESS`` set) progress is two rich bars; otherwise a
+line per epoch on stderr (`pipeline.train.progress.ProgressLog`), so a log file or a CI
+job shows the loss, term weights, validation Dice and time left as training goes.
 
 The lead registers it with ``app.command("train")(train)``; ``make demo`` may call
 ``train(...)`` directly as a function.
@@ -6,10 +10,12 @@ The lead registers it with ``app.command("train")(train)``; ``make demo`` may ca
 
 from __future__ import annotations
 
+import logging
 import os
 import sys
 import time
-from collections.abc import Sequence
+from collections.abc import Iterator, Sequence
+from contextlib import contextmanager
 from pathlib import Path
 from typing import Annotated, Any, Literal
 
@@ -43,6 +49,7 @@ from pipeline.train.options import (
     known_loss_names,
     run_training,
 )
+from pipeline.train.progress import LOGGER_NAME, ProgressLog
 
 console = Console(width=None if sys.stdout.isatty() else 120)
 err_console = Console(stderr=True, soft_wrap=True)
@@ -93,10 +100,38 @@ def print_paired(rows: Sequence[PairedRow], out: Console | None = None) -> None:
         out.print(f"[bold yellow]{caveat}[/]", highlight=False)
 
 
+def _bars_wanted() -> bool:
+    """Progress bars on a terminal (or with ``XRAI_PROGRESS`` set); log lines otherwise."""
+    return err_console.is_terminal or "XRAI_PROGRESS" in os.environ
+
+
 def _progress() -> Progress:
     return Progress(TextColumn("[bold]{task.description}"), BarColumn(), MofNCompleteColumn(),
                     TextColumn("{task.fields[last]}"), TimeElapsedColumn(), console=err_console,
-                    disable=not err_console.is_terminal and "XRAI_PROGRESS" not in os.environ)
+                    disable=not _bars_wanted())
+
+
+@contextmanager
+def _progress_lines() -> Iterator[ProgressLog]:
+    """`ProgressLog` on ``pipeline.train``, printed to stderr for the run's duration.
+
+    The logger gets its own stderr handler (INFO) and stops propagating while the run
+    lasts, so each line is printed once whatever the root logger's configuration
+    (``xrai -v`` or not); both are restored afterwards.
+    """
+    logger = logging.getLogger(LOGGER_NAME)
+    handler = logging.StreamHandler(sys.stderr)
+    handler.setFormatter(logging.Formatter("%(asctime)s %(message)s", "%H:%M:%S"))
+    saved = logger.level, logger.propagate
+    logger.addHandler(handler)
+    logger.setLevel(logging.INFO)
+    logger.propagate = False
+    try:
+        yield ProgressLog(logger)
+    finally:
+        logger.removeHandler(handler)
+        logger.setLevel(saved[0])
+        logger.propagate = saved[1]
 
 
 def _check_losses(value: str) -> str:
@@ -212,27 +247,14 @@ def train(
         f"(mixed precision {amp_mode(dev, amp).name})", highlight=False)
     t0 = time.perf_counter()
     try:
-        with _progress() as bar:
-            total = len(names) * folds * epochs
-            runs = bar.add_task("epochs", total=total, last="")
-            steps = bar.add_task("steps", total=batches_per_epoch, last="")
-
-            def progress(ev: dict[str, Any]) -> None:
-                label = f"{ev['loss']} fold {ev['fold']}"
-                if ev["kind"] == "step":
-                    bar.update(steps, completed=ev["step"],
-                               last=f"{label} epoch {ev['epoch'] + 1}: loss {ev['value']:.4f}")
-                elif ev["kind"] == "epoch":
-                    dice = f", val Dice {ev['val_dice']:.3f}" if "val_dice" in ev else ""
-                    bar.update(runs, advance=1, last=f"{label}: loss {ev['train_loss']:.4f}{dice}")
-                    bar.reset(steps, total=batches_per_epoch)
-                elif ev["kind"] == "fold_done":
-                    done = (names.index(ev["loss"]) * folds + ev["fold"] + 1) * epochs
-                    bar.update(runs, completed=done, last=f"{label}: Dice {ev['dice']:.3f}")
-
-            result = run_training(options, store_url=store, dataset=ds_name, out_dir=out,
-                                  plan=checked.plan, manifest_spec=checked.loss_spec,
-                                  manifest_path=manifest, progress=progress)
+        if not _bars_wanted():
+            with _progress_lines() as lines:
+                result = run_training(options, store_url=store, dataset=ds_name, out_dir=out,
+                                      plan=checked.plan, manifest_spec=checked.loss_spec,
+                                      manifest_path=manifest, progress=lines)
+        else:
+            result = _train_with_bars(options, store=store, dataset=ds_name, out=out,
+                                      checked=checked, manifest=manifest)
     except (XraiError, FileNotFoundError, KeyError, ValueError) as err:
         err_console.print(f"[bold red]error:[/] {escape(str(err))}", highlight=False)
         raise typer.Exit(1) from err
@@ -243,6 +265,34 @@ def train(
     console.print(f"results in {out} ({time.perf_counter() - t0:.0f} s)", highlight=False)
     if result.failures:
         raise typer.Exit(3)
+
+
+def _train_with_bars(options: TrainOptions, *, store: str, dataset: str, out: Path,
+                     checked: Any, manifest: Path) -> BenchmarkResult:
+    """`run_training` with rich progress bars (epochs of the whole run, steps of one)."""
+    names, folds, epochs = list(options.losses), options.folds, options.epochs
+    with _progress() as bar:
+        runs = bar.add_task("epochs", total=len(names) * folds * epochs, last="")
+        steps = bar.add_task("steps", total=options.batches_per_epoch, last="")
+
+        def progress(ev: dict[str, Any]) -> None:
+            if ev["kind"] == "start":
+                return
+            label = f"{ev['loss']} fold {ev['fold']}"
+            if ev["kind"] == "step":
+                bar.update(steps, completed=ev["step"],
+                           last=f"{label} epoch {ev['epoch'] + 1}: loss {ev['value']:.4f}")
+            elif ev["kind"] == "epoch":
+                dice = f", val Dice {ev['val_dice']:.3f}" if "val_dice" in ev else ""
+                bar.update(runs, advance=1, last=f"{label}: loss {ev['train_loss']:.4f}{dice}")
+                bar.reset(steps, total=options.batches_per_epoch)
+            elif ev["kind"] == "fold_done":
+                done = (names.index(ev["loss"]) * folds + ev["fold"] + 1) * epochs
+                bar.update(runs, completed=done, last=f"{label}: Dice {ev['dice']:.3f}")
+
+        return run_training(options, store_url=store, dataset=dataset, out_dir=out,
+                            plan=checked.plan, manifest_spec=checked.loss_spec,
+                            manifest_path=manifest, progress=progress)
 
 
 __all__ = ["RUN_PARAMETERS", "paired_rich_table", "print_paired", "summary_table", "train"]

@@ -411,6 +411,13 @@ def train_fold(store_url: str, dataset: str, fold: Fold, loss_name: str,
                progress: Progress | None = None, overlay_channel: int = 0) -> FoldResult:
     """Train one loss on one fold and validate the final model; see the module docstring.
 
+    `progress` receives a ``"step"`` event after every training step and an ``"epoch"``
+    event after every epoch: ``loss``, ``fold`` (0-based), ``epoch`` (1-based),
+    ``epochs``, ``train_loss``, ``weights`` and ``term_names`` (a manifest loss's term
+    weights, epoch means; else empty), ``alpha`` and ``beta`` (None without an adaptive
+    Tversky term) and, on validation epochs, ``val_dice``
+    (`pipeline.train.progress.ProgressLog` logs them).
+
     Raises
     ------
     TrainingDiverged
@@ -453,8 +460,9 @@ def train_fold(store_url: str, dataset: str, fold: Fold, loss_name: str,
                     voxels=voxels)
         if progress:
             progress({"kind": "epoch", "loss": loss_name, "fold": fold.index, "epoch": epoch + 1,
-                      "epochs": cfg.epochs, **{k: v for k, v in record.items()
-                                               if k in ("train_loss", "val_dice")}})
+                      "epochs": cfg.epochs, "term_names": list(info.term_names),
+                      **{k: v for k, v in record.items()
+                         if k in ("train_loss", "val_dice", "weights", "alpha", "beta")}})
     if not cases:  # resumed after the last epoch's checkpoint but before result.json
         cases, _, overlays = evaluate(run.model, run.loss_fn, val_loader, cfg, run.device,
                                       run.amp, spacing_zyx, keep=cfg.n_overlays,

@@ -120,10 +120,15 @@ class TrainOptions(BaseModel):
 
     model_config = ConfigDict(extra="forbid", frozen=True)
 
-    losses: tuple[str, ...] = Field(default=DEFAULT_LOSSES, min_length=1)
-    folds: int = Field(default=3, ge=2)
-    epochs: int = Field(default=10, ge=1)
-    dim: Literal["2d", "3d"] = "2d"
+    losses: tuple[str, ...] = Field(
+        default=DEFAULT_LOSSES, min_length=1,
+        description="Losses to train and compare: 'manifest' (the manifest's loss, the "
+                    "reference A of the paired table) or registry names (bce, dice, focal, "
+                    "tversky, dice_ce, ...).")
+    folds: int = Field(default=3, ge=2, description="k of the k-fold split by case.")
+    epochs: int = Field(default=10, ge=1, description="Epochs per fold.")
+    dim: Literal["2d", "3d"] = Field(default="2d",
+                                     description="2d (axial slices) or 3d (patches).")
     patch_size: tuple[int, int, int] | None = None
     fg_fraction: float = Field(default=1.0 / 3.0, ge=0.0, le=1.0)
     affine: bool = False
@@ -135,7 +140,8 @@ class TrainOptions(BaseModel):
     features: int = Field(default=16, ge=1)
     levels: int = Field(default=3, ge=3)  # MONAI's DynUNet needs 3 or more
     workers: int = Field(default=2, ge=0)
-    device: str = Field(default="auto", pattern=DEVICE_PATTERN)
+    device: str = Field(default="auto", pattern=DEVICE_PATTERN,
+                        description="auto (CUDA when present), cpu, cuda or cuda:N.")
     amp: Literal["auto", "bf16", "fp16", "off"] = "auto"
     seed: int = Field(default=0, ge=0)
     resume: bool = True

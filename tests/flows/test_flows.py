@@ -10,6 +10,7 @@ import csv
 import functools
 import hashlib
 import http.server
+import re
 import shutil
 import threading
 from collections.abc import Iterator
@@ -48,6 +49,13 @@ def artifacts(key: str) -> list:
         return client.read_artifacts(
             artifact_filter=ArtifactFilter(key=ArtifactFilterKey(any_=[key])),
             sort=ArtifactSort.CREATED_DESC)
+
+
+def key(kind: str, run: SimpleNamespace) -> str:
+    """The artifact key of a run's dataset: ``<kind>-<dataset>-<store id>``."""
+    from flows.artifacts import artifact_key
+
+    return artifact_key(kind, run.config.name, run.config.store)
 
 
 def flow_run(run_id):
@@ -104,32 +112,62 @@ class TestPipeline:
 
     @pytest.mark.parametrize(("kind", "flow_name"), [
         ("dataset-summary", "ingest"), ("quarantine", "ingest"), ("statistics", "stats"),
-        ("transforms", "manifest"), ("loss-config", "manifest")])
+        ("transforms", "manifest"), ("loss-config", "manifest"), ("verdict", "pipeline")])
     def test_artifact_published_by_its_flow(self, first_run: SimpleNamespace, kind: str,
                                             flow_name: str) -> None:
-        found = artifacts(f"{kind}-ph-flow")
-        assert found, f"no artifact {kind}-ph-flow"
+        found = artifacts(key(kind, first_run))
+        assert found, f"no artifact {key(kind, first_run)}"
+        assert re.fullmatch(rf"{kind}-ph-flow-[0-9a-f]{{12}}", found[0].key)
         owner = flow_run(found[0].flow_run_id)
         assert owner.flow.name == flow_name
         assert owner.run.state.is_completed()
 
+    def test_issue_13_verdict_is_on_the_pipeline_run(self, first_run: SimpleNamespace) -> None:
+        from prefect import get_client
+        from prefect.client.schemas.filters import ArtifactFilter, ArtifactFilterFlowRunId
+
+        from flows.artifacts import MAX_IMAGE_BYTES, VERDICT_MAX_LINE, artifact_url
+        from tests.flows.test_artifacts import decode_images
+
+        with get_client(sync_client=True) as client:
+            own = client.read_artifacts(artifact_filter=ArtifactFilter(
+                flow_run_id=ArtifactFilterFlowRunId(any_=[first_run.state.state_details
+                                                          .flow_run_id])))
+        assert [a.key for a in own] == [key("verdict", first_run)]
+        md = own[0].data
+        table = [line for line in md.splitlines() if line.startswith("|")]
+        assert len(table) == 2 + 5  # header, rule line, R1 R2 R3 R5 R4
+        assert max(len(line) for line in table) <= VERDICT_MAX_LINE
+        assert f"**Loss: {first_run.result.manifest.loss}**" in md
+        for kind in ("loss-config", "transforms", "statistics"):  # links to this run's
+            assert artifact_url(str(artifacts(key(kind, first_run))[0].id)) in md
+        images = decode_images(md)
+        assert len(images) == 1
+        assert len(images[0]) < min(MAX_IMAGE_BYTES, 25_000)
+
     def test_artifact_contents(self, first_run: SimpleNamespace) -> None:
         from pipeline.manifest_io import load_manifest
 
-        summary = artifacts("dataset-summary-ph-flow")[0]
+        summary = artifacts(key("dataset-summary", first_run))[0]
         assert summary.type == "markdown"
         for cid in first_run.result.ingest.ingested:
             assert f"| {cid} | ingested |" in summary.data
-        quarantine = artifacts("quarantine-ph-flow")[0]
+        quarantine = artifacts(key("quarantine", first_run))[0]
         assert quarantine.type == "table"
         assert BROKEN in quarantine.data
         assert "missing label" in quarantine.data
-        stats = artifacts("statistics-ph-flow")[0].data
+        from tests.flows.test_artifacts import decode_images
+
+        stats = artifacts(key("statistics", first_run))[0].data
         assert all(f"| {ch} | brain |" in stats for ch in ("t1n", "t1c", "t2w", "t2f"))
+        assert len(decode_images(stats)) == 1
         manifest = load_manifest(first_run.result.manifest.path)
-        transforms = artifacts("transforms-ph-flow")[0].data
-        assert all(f"| {k} | {s.chosen} |" in transforms for k, s in manifest.transforms.items())
-        loss = artifacts("loss-config-ph-flow")[0].data
+        transforms = artifacts(key("transforms", first_run))[0].data
+        for k, sel in manifest.transforms.items():
+            expr = sel.expression if sel.chosen != "identity" else "identity"
+            assert f"| {k.split('/')[1]} | {expr} |" in transforms
+        assert len(decode_images(transforms)) == 1
+        loss = artifacts(key("loss-config", first_run))[0].data
         assert all(t.reason in loss for t in manifest.loss.terms)
 
 
@@ -146,7 +184,7 @@ class TestReprocess:
         assert result.decision_changes == []
         assert not result.run.manifest.written
         assert Path(first_run.result.manifest.path).stat().st_mtime_ns == mtime
-        report = artifacts("reprocess-report-ph-flow")[0].data
+        report = artifacts(key("reprocess-report", first_run))[0].data
         assert "new or changed cases ingested: 0" in report
         assert "manifest kept: no decision changed" in report
 
@@ -171,7 +209,7 @@ class TestReprocess:
         assert result.run.stats.computed == [new]
         assert len(result.run.stats.reused) == CASES
         assert result.run.manifest.written == bool(result.decision_changes)
-        report = artifacts("reprocess-report-ph-flow")[0].data
+        report = artifacts(key("reprocess-report", first_run))[0].data
         assert f"new or changed cases ingested: 1 ({new})" in report
         assert f"statistics: 1 cases computed, {CASES} reused" in report
 
@@ -272,7 +310,7 @@ def test_train_flow_publishes_the_summary_table(first_run: SimpleNamespace) -> N
                         first_run.config.name, str(out), options=options)
     assert [e["loss"] for e in result.summary] == ["manifest", "dice"]
     assert (out / "summary.md").is_file()
-    table = artifacts("training-summary-ph-flow")[0].data
+    table = artifacts(key("training-summary", first_run))[0].data
     assert "| manifest |" in table
     assert "| dice |" in table
     assert "Dice" in table
