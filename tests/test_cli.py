@@ -116,3 +116,16 @@ def test_usage_errors_exit_2_without_a_traceback_issue_12(case: str,
     assert "Traceback" not in output
     assert not isinstance(result.exception, Exception) or isinstance(result.exception,
                                                                      SystemExit)
+
+
+def test_the_command_line_imports_no_heavy_library_until_a_command_needs_it():
+    """`xrai --help` must stay fast (issue 14: under 1 s): building the command tree
+    imports neither torch/MONAI (training) nor zarr/xarray (the store) nor SimpleITK."""
+    import subprocess
+    import sys
+
+    code = ("import sys, pipeline.cli; "
+            "print(sorted(m for m in ('torch', 'monai', 'zarr', 'xarray', 'SimpleITK', 'dask') "
+            "if m in sys.modules))")
+    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True)
+    assert out.stdout.strip() == "[]"

@@ -17,7 +17,7 @@ import time
 from collections.abc import Iterator, Sequence
 from contextlib import contextmanager
 from pathlib import Path
-from typing import Annotated, Any, Literal
+from typing import TYPE_CHECKING, Annotated, Any, Literal
 
 import typer
 from pydantic import ValidationError
@@ -28,18 +28,6 @@ from rich.table import Table
 
 from pipeline.cli_checks import check_dataset_name, check_device, check_store, people
 from pipeline.errors import XraiError
-from pipeline.store import DatasetStore
-from pipeline.train.benchmark import (
-    TABLE_COLUMNS,
-    BenchmarkResult,
-    PairedRow,
-    format_cell,
-    format_difference,
-    format_p,
-    load_training_manifest,
-    paired_caveat,
-)
-from pipeline.train.loop import amp_mode, select_device
 from pipeline.train.options import (
     AFFINE_PROB,
     DEFAULT_LOSSES,
@@ -51,12 +39,17 @@ from pipeline.train.options import (
 )
 from pipeline.train.progress import LOGGER_NAME, ProgressLog
 
+if TYPE_CHECKING:  # torch and MONAI load only when training runs (`xrai --help` < 1 s)
+    from pipeline.train.benchmark import BenchmarkResult, PairedRow
+
 console = Console(width=None if sys.stdout.isatty() else 120)
 err_console = Console(stderr=True, soft_wrap=True)
 
 
 def summary_table(result: BenchmarkResult, title: str = "validation metrics") -> Table:
     """The summary as a rich table (mean ± std over folds; ratios in %, distances in mm)."""
+    from pipeline.train.benchmark import TABLE_COLUMNS, format_cell
+
     table = Table(title=f"{title}: mean ± std over folds")
     table.add_column("Loss")
     for _, label in TABLE_COLUMNS:
@@ -68,6 +61,8 @@ def summary_table(result: BenchmarkResult, title: str = "validation metrics") ->
 
 def paired_rich_table(rows: Sequence[PairedRow]) -> Table:
     """The paired table: A − B per validation case, interval, Wilcoxon p and verdict."""
+    from pipeline.train.benchmark import TABLE_COLUMNS, format_difference, format_p
+
     labels = dict(TABLE_COLUMNS)
     conf = rows[0].comparison.confidence if rows else 0.95
     table = Table(title=f"paired by validation case: {rows[0].loss if rows else 'A'} − each "
@@ -91,6 +86,8 @@ def paired_rich_table(rows: Sequence[PairedRow]) -> Table:
 
 def print_paired(rows: Sequence[PairedRow], out: Console | None = None) -> None:
     """Print the paired table and, when it is not evidence, say so plainly."""
+    from pipeline.train.benchmark import paired_caveat
+
     if not rows:
         return
     out = out or console
@@ -223,9 +220,12 @@ def train(
         name = str(first["loc"][0]) if first["loc"] else "losses"
         raise typer.BadParameter(first["msg"], param_hint=f"'--{name.replace('_', '-')}'"
                                  ) from err
-    try:
-        from pipeline.manifest_io import load_manifest
+    from pipeline.manifest_io import load_manifest
+    from pipeline.store import DatasetStore
+    from pipeline.train.benchmark import load_training_manifest
+    from pipeline.train.loop import amp_mode, select_device
 
+    try:
         # the check of `xrai manifest validate`, once: bad bytes or JSON, a field or loss
         # parameter the trainer rejects (ManifestError)
         loaded = load_manifest(manifest)

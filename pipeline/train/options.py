@@ -48,10 +48,14 @@ DEVICE_PATTERN = r"^(auto|cpu|cuda(:[0-9]+)?)$"
 
 
 def known_loss_names() -> list[str]:
-    """``"manifest"`` and every name of the loss registry, sorted."""
-    from pipeline.train.losses import LOSSES
+    """``"manifest"`` and every name of the loss registry, sorted.
 
-    return sorted({"manifest", *LOSSES})
+    Read from the manifest schema's enumeration (`stats.rules.LOSS_NAMES`, which a test
+    keeps equal to the registry), so that ``xrai --help`` does not import torch.
+    """
+    from stats.rules import LOSS_NAMES
+
+    return sorted({"manifest", *LOSS_NAMES})
 
 
 def check_loss_names(names: Iterable[str]) -> tuple[str, ...]:
