@@ -32,6 +32,7 @@ from __future__ import annotations
 import argparse
 import json
 import os
+import statistics
 import subprocess
 import sys
 import tempfile
@@ -154,6 +155,61 @@ def _first_call_cost() -> tuple[float, float]:
     return out[0], out[1]
 
 
+def _cli_path(url: str, cases: list, pairs: int) -> dict[str, float]:
+    """``xrai stats --recompute`` as a user runs it, on 4 and on 16 cases (issue 14).
+
+    The fixed cost is the 4-case run less reading those 4 cases; the marginal cost is the
+    difference of the two runs (median over ``pairs`` interleaved pairs), set against
+    reading the 12 extra cases' chunks in one process, measured in the same run.
+    """
+    from pipeline.errors import StoreError
+    from pipeline.store import DatasetStore, Grid
+
+    try:
+        DatasetStore.open(url, "bench4")
+    except StoreError:  # not made yet in this cached store
+        from pipeline.ingest import ingest_cases
+
+        ingest_cases(cases[:4], url, "bench4", grid=Grid(shape=GRID_SHAPE))
+    xrai = str(Path(sys.executable).with_name("xrai"))
+
+    def cli(dataset: str) -> float:
+        with tempfile.TemporaryDirectory() as tmp:
+            t0 = time.perf_counter()
+            subprocess.run([xrai, "stats", "--store", url, "--dataset", dataset, "--recompute",
+                            "--out", str(Path(tmp) / "s.json")], check=True,
+                           stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+            return time.perf_counter() - t0
+
+    small, large = [], []
+    for _ in range(pairs):
+        small.append(cli("bench4"))
+        large.append(cli("bench16"))
+    store = DatasetStore.open(url, "bench16")
+    four = set(DatasetStore.open(url, "bench4").committed())
+    extra = [c for c in store.committed() if c not in four]
+    t0 = time.perf_counter()
+    for cid in extra:
+        store.read_case(cid)
+    read_extra = time.perf_counter() - t0
+    t0 = time.perf_counter()
+    for cid in four:
+        store.read_case(cid)
+    read_four = time.perf_counter() - t0
+    marginal = statistics.median(b - a for a, b in zip(small, large, strict=True))
+    mvox = len(extra) * 4 * float(np.prod(GRID_SHAPE)) / 1e6
+    out = {"cli_4": statistics.median(small), "cli_16": statistics.median(large),
+           "marginal_12": marginal, "read_12": read_extra,
+           "fixed": statistics.median(small) - read_four}
+    print(f"CLI path (xrai stats --recompute, default scheduler), median of {pairs} pairs: "
+          f"4 cases {out['cli_4']:.2f} s, 16 cases {out['cli_16']:.2f} s")
+    print(f"  the {len(extra)} extra cases ({mvox:.0f} Mvox): {marginal:.2f} s against "
+          f"{read_extra:.2f} s to read them in one process = {marginal / read_extra:.2f}x the "
+          f"floor, {mvox / marginal:.0f} Mvox/s")
+    print(f"  fixed cost (4-case run less reading its 4 cases): {out['fixed']:.2f} s")
+    return out
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description="statistics engine benchmark")
     parser.add_argument("--cases", type=int, default=16)
@@ -162,9 +218,15 @@ def main() -> None:
     parser.add_argument("--kernel-only", action="store_true",
                         help="only the per-case kernel table (fused vs numpy vs floor)")
     parser.add_argument("--repeats", type=int, default=5, help="repeats per case (kernel table)")
+    parser.add_argument("--cli-only", action="store_true",
+                        help="only the CLI path (xrai stats on 4 and 16 cases)")
+    parser.add_argument("--pairs", type=int, default=3, help="pairs of CLI runs")
     args = parser.parse_args()
     args.workdir.mkdir(parents=True, exist_ok=True)
     url, cases = _prepare(args.workdir, args.cases)
+    _cli_path(url, cases, args.pairs)
+    if args.cli_only:
+        return
     compile_s, load_s = _first_call_cost()
     print(f"numba first call in a fresh process: compile {compile_s:.2f} s (empty cache), "
           f"load {load_s:.2f} s (cached, once per worker process)")
