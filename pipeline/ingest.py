@@ -1,9 +1,13 @@
 """Ingest: find cases, read, standardize and commit each one to the store, in parallel.
 
-Each case is one unit of work done entirely by one worker: hash its source files, skip
-it when the hash equals the committed one, otherwise read, standardize, write its slot
-and commit. A case that cannot be used is quarantined with a reason naming the file and
-the value; the others go on. The parent only discovers cases and assigns slots.
+Each case is one unit of work done entirely by one worker: read and hash its source
+files, skip it when the hash equals the committed one, otherwise decode them,
+standardize, write its slot and commit. Each source file is read from disk once: its
+bytes are hashed and decoded from memory (`CaseSource.read_files`; DICOM files, which
+SimpleITK and pydicom read from their paths, are hashed and then read again from the
+page cache), and an unchanged case is told from its hashes alone, without decoding. A
+case that cannot be used is quarantined with a reason naming the file and the value;
+the others go on. The parent only discovers cases and assigns slots.
 
 Exit codes of ``xrai ingest`` (see `IngestReport.exit_code`):
 
@@ -35,7 +39,7 @@ from typing import Any, Literal
 from pipeline import code_version
 from pipeline.errors import CaseRejected, StoreFull, VolumeError, XraiError
 from pipeline.lease import WriterLease, writer_lease
-from pipeline.sources.base import CHANNELS, CaseSource
+from pipeline.sources.base import CHANNELS, IN_MEMORY_KINDS, CaseSource, VolumeRef
 from pipeline.standardize import Loaded, standardize_case
 from pipeline.store import DatasetStore, Grid
 
@@ -82,11 +86,22 @@ class IngestReport:
 
 
 
-def read_case(case: CaseSource) -> tuple[dict[str, Loaded], Loaded | None]:
-    """Read every channel and the label of a case (``VolumeError`` names the file)."""
+def read_case(case: CaseSource, data: Mapping[Path, bytes] | None = None,
+              ) -> tuple[dict[str, Loaded], Loaded | None]:
+    """Read every channel and the label of a case (``VolumeError`` names the file).
+
+    ``data`` holds the bytes of files already read (`CaseSource.read_files`); those
+    volumes are decoded from them without opening the files again.
+    """
     from pipeline.io import read_image, read_label  # SimpleITK-heavy; imported in workers
 
-    images = {name: Loaded(read_image(ref), ref.path) for name, ref in case.images.items()}
+    data = data or {}
+
+    def blob(ref: VolumeRef) -> bytes | None:
+        return data.get(ref.paths[0]) if ref.kind in IN_MEMORY_KINDS else None
+
+    images = {name: Loaded(read_image(ref, data=blob(ref)), ref.path)
+              for name, ref in case.images.items()}
     label = None
     if case.label is not None:
         # A DICOM SEG is painted on the grid of the series it references; discovery
@@ -94,7 +109,8 @@ def read_case(case: CaseSource) -> tuple[dict[str, Loaded], Loaded | None]:
         ref_channel = next((f.split(":", 1)[1] for f in case.flags
                             if f.startswith("seg-reference:")), CHANNELS[0])
         reference = images[ref_channel].image if ref_channel in images else None
-        label = Loaded(read_label(case.label, reference=reference), case.label.path)
+        label = Loaded(read_label(case.label, reference=reference, data=blob(case.label)),
+                       case.label.path)
     return images, label
 
 
@@ -103,8 +119,10 @@ def ingest_case(store_url: str, dataset: str, case: CaseSource, slot: int,
                 storage_options: Mapping[str, Any] | None = None) -> CaseOutcome:
     """Do all the work for one case; never raises for bad data (quarantines instead).
 
-    A case quarantined earlier with the same content hash is reported again from its
-    quarantine record without re-reading its volumes (``recompute`` re-reads it).
+    Each source file is read once (`CaseSource.read_files`): the content hash comes
+    from its bytes, and only a changed case is decoded, from those same bytes. A case
+    quarantined earlier with the same content hash is reported again from its
+    quarantine record without decoding its volumes (``recompute`` decodes it).
     """
     t0 = time.perf_counter()
     store = DatasetStore.open(store_url, dataset, writable=True, storage_options=storage_options)
@@ -119,7 +137,8 @@ def ingest_case(store_url: str, dataset: str, case: CaseSource, slot: int,
     if case.missing:
         return reject("missing " + "; ".join(case.missing), case.missing[0].split(": ", 1)[-1])
     try:
-        hashes = case.file_hashes()
+        sources = case.read_files()
+        hashes = sources.hashes
         content_hash = case.content_hash(hashes)
     except OSError as err:
         return reject(f"cannot read source file: {err}", getattr(err, "filename", None))
@@ -130,7 +149,8 @@ def ingest_case(store_url: str, dataset: str, case: CaseSource, slot: int,
         return CaseOutcome(cid, "quarantined", str(earlier["reason"]), earlier.get("path"),
                            time.perf_counter() - t0)
     try:
-        images, label = read_case(case)
+        images, label = read_case(case, sources.data)
+        del sources  # the bytes are decoded: free them before standardizing
         std = standardize_case(cid, images, label, grid=store.grid, channels=store.channels,
                                label_map=case.label_map, annotated_slices=case.annotated_slices)
     except VolumeError as err:

@@ -184,15 +184,53 @@ def _mm(values: tuple[float, ...]) -> str:
     return "x".join(f"{float(v):g}" for v in values)
 
 
+def bounding_box(mask: np.ndarray) -> tuple[slice, slice, slice] | None:
+    """The smallest box (z, y, x slices) holding every non-zero voxel of a 3D array.
+
+    Returns None when there is none. One projection of the whole array along (y, x),
+    then projections of the slab of z-planes that hold any voxel only; the same box as
+    ``np.nonzero`` gives (its minimum and maximum per axis), without listing the voxels.
+
+    Examples
+    --------
+    >>> m = np.zeros((4, 5, 6), bool); m[1, 2, 3] = m[2, 4, 1] = True
+    >>> bounding_box(m)
+    (slice(1, 3, None), slice(2, 5, None), slice(1, 4, None))
+    """
+    zs = np.flatnonzero(mask.any(axis=(1, 2)))
+    if zs.size == 0:
+        return None
+    slab = mask[zs[0]:zs[-1] + 1]
+    ys = np.flatnonzero(slab.any(axis=(0, 2)))
+    xs = np.flatnonzero(slab[:, ys[0]:ys[-1] + 1].any(axis=(0, 1)))
+    return (slice(int(zs[0]), int(zs[-1]) + 1), slice(int(ys[0]), int(ys[-1]) + 1),
+            slice(int(xs[0]), int(xs[-1]) + 1))
+
+
+def nonzero_any(arrays: list[np.ndarray]) -> np.ndarray:
+    """Voxels that are non-zero in any of ``arrays`` (same shape), as one bool mask.
+
+    Equal to ``np.any(np.stack(arrays) != 0, axis=0)``, accumulated in place without
+    the stacked temporary.
+    """
+    mask = arrays[0] != 0
+    scratch = np.empty_like(mask)
+    for arr in arrays[1:]:
+        np.not_equal(arr, 0, out=scratch)
+        mask |= scratch
+    return mask
+
+
 def count_inside(img: sitk.Image, mask: np.ndarray, target: sitk.Image) -> int:
     """Number of ``mask`` voxels (an array on ``img``'s grid) whose centres lie in ``target``.
 
     A voxel centre is inside when its continuous index in ``target`` lies within half a
     voxel of the target's voxel centres, i.e. in the box the target's voxels cover.
     """
-    n = int(np.count_nonzero(mask))
-    if n == 0:
+    box = bounding_box(mask)
+    if box is None:
         return 0
+    n = int(np.count_nonzero(mask))
     src = (np.asarray(img.GetDirection(), dtype=np.float64).reshape(3, 3)
            * np.asarray(img.GetSpacing(), dtype=np.float64))            # index -> mm (columns)
     dst = (np.asarray(target.GetDirection(), dtype=np.float64).reshape(3, 3)
@@ -205,12 +243,9 @@ def count_inside(img: sitk.Image, mask: np.ndarray, target: sitk.Image) -> int:
         t = ijk @ to_target.T + shift
         return np.all((t >= -0.5) & (t < upper), axis=1)
 
-    # The common case costs three projections: the target box is convex, so when the 8
+    # The common case costs the bounding box: the target box is convex, so when the 8
     # corners of the mask's bounding box are inside, every voxel is.
-    ranges = []
-    for axis in (2, 1, 0):                                              # x, y, z
-        nz = np.flatnonzero(mask.any(axis=tuple(a for a in range(3) if a != axis)))
-        ranges.append((nz[0], nz[-1]))
+    ranges = [(sl.start, sl.stop - 1) for sl in box[::-1]]              # x, y, z
     corners = np.array(np.meshgrid(*ranges, indexing="ij"), dtype=np.float64).reshape(3, -1).T
     if inside(corners).all():
         return n
@@ -282,10 +317,9 @@ def sampling_tolerance_ml(mask: np.ndarray, img: sitk.Image, grid: Grid) -> floa
     the edges and corners, which matter only for structures of a few voxels.
     """
     spacing = np.asarray(img.GetSpacing(), dtype=np.float64)[::-1]    # (z, y, x)
-    zyx = np.nonzero(mask)
+    box = bounding_box(mask)
     surface_mm2 = 0.0
-    if zyx[0].size:
-        box = tuple(slice(int(a.min()), int(a.max()) + 1) for a in zyx)
+    if box is not None:
         sub = np.pad(mask[box], 1)
         for axis in range(3):
             faces = int(np.count_nonzero(np.diff(sub, axis=axis)))
@@ -403,8 +437,11 @@ def overlap_fraction(a: sitk.Image, b: sitk.Image) -> float:
 
 def _check_intensities(case_id: str, name: str, vol: Loaded) -> np.ndarray:
     arr = sitk.GetArrayViewFromImage(vol.image)
-    finite = np.isfinite(arr)
-    if not finite.all():
+    # min and max propagate NaN and reach any inf: both finite <=> every voxel is (two
+    # fast reductions, no mask); only a failing channel pays for locating the voxel.
+    lo, hi = (arr.min(), arr.max()) if arr.size else (0, 0)
+    if not (np.isfinite(lo) and np.isfinite(hi)):
+        finite = np.isfinite(arr)
         bad = np.argwhere(~finite)
         z, y, x = (int(v) for v in bad[0])
         raise CaseRejected(
@@ -413,19 +450,20 @@ def _check_intensities(case_id: str, name: str, vol: Loaded) -> np.ndarray:
             f"{float(arr[z, y, x])!r} at index (x={x}, y={y}, z={z})",
             vol.path,
         )
-    if not arr.any():
+    if lo == 0 and hi == 0:
         raise CaseRejected(case_id, f"{vol.path}: channel {name} is all zero", vol.path)
     return arr
 
 
 def _brain_centre(case_id: str, ref: Loaded, arr: np.ndarray) -> tuple[float, float, float]:
-    """Physical centre of the bounding box of the reference channel's non-zero voxels."""
-    idx = []
-    for axis in range(3):
-        other = tuple(a for a in range(3) if a != axis)
-        nz = np.flatnonzero(arr.any(axis=other))
-        idx.append((nz[0], nz[-1]))
-    (z0, z1), (y0, y1), (x0, x1) = idx
+    """Physical centre of the bounding box of the reference channel's non-zero voxels.
+
+    ``arr`` is the channel, or its non-zero mask (cheaper to project).
+    """
+    box = bounding_box(arr)
+    if box is None:
+        raise CaseRejected(case_id, f"{ref.path}: channel is all zero", ref.path)
+    (z0, z1), (y0, y1), (x0, x1) = ((sl.start, sl.stop - 1) for sl in box)
     centre_index = ((x0 + x1) / 2.0, (y0 + y1) / 2.0, (z0 + z1) / 2.0)
     return ref.image.TransformContinuousIndexToPhysicalPoint(centre_index)
 
@@ -470,7 +508,11 @@ def remap_labels(case_id: str, path: Path, arr: np.ndarray,
     Values allowed in the file are the scheme's (0..3) and the keys of ``label_map``
     (e.g. 4 for the older BraTS convention); anything else rejects the case.
     """
-    present = [int(v) for v in np.flatnonzero(np.bincount(arr.ravel(), minlength=256))]
+    # The values present: 0 unless every voxel is labelled, and the others counted over
+    # the labelled voxels only (a small part of a volume) instead of all of them.
+    labelled = arr[arr != 0]
+    present = ([0] if labelled.size < arr.size else []) + [
+        int(v) for v in np.flatnonzero(np.bincount(labelled, minlength=256))]
     allowed = set(LABEL_SCHEME) | {int(k) for k in label_map}
     outside = sorted(set(present) - allowed)
     if outside:
@@ -557,7 +599,8 @@ def standardize_case(
     for name in channels[1:]:
         check_geometry(images[name], f"channel {name}", ref_name, name)
 
-    target = target_reference(grid, _brain_centre(case_id, ref, arrays[ref_name]), ref.image)
+    ref_nonzero = arrays[ref_name] != 0
+    target = target_reference(grid, _brain_centre(case_id, ref, ref_nonzero), ref.image)
     out = np.empty((len(channels), *grid.zyx), dtype=np.float32)
     info: dict[str, Any] = {"volumes": {}, "flags": flags}
     for ci, name in enumerate(channels):
@@ -565,18 +608,18 @@ def standardize_case(
         out[ci] = sitk.GetArrayViewFromImage(res)
         _check_resampled(case_id, name, images[name].path, out[ci])
         info["volumes"][name] = {"file": str(images[name].path), **geometry(images[name].image)}
-    brain = np.any(out != 0.0, axis=0)
+    brain = nonzero_any(list(out))
 
     # The brain is measured over the channels on the reference channel's grid (all of
     # them, unless one was flagged above), in the source and on the grid alike.
     same = [ci for ci, name in enumerate(channels)
             if ci == 0 or same_space(ref.image, images[name].image)]
-    src_brain = np.zeros(arrays[ref_name].shape, dtype=bool)
-    for ci in same:
+    src_brain = ref_nonzero                       # same[0] is the reference channel
+    for ci in same[1:]:
         src_brain |= arrays[channels[ci]] != 0
-    std_brain = brain if len(same) == len(channels) else np.any(out[same] != 0.0, axis=0)
+    std_brain = brain if len(same) == len(channels) else nonzero_any([out[ci] for ci in same])
     brain_vol = measure_volume("brain", src_brain, ref.image, std_brain, target)
-    del src_brain
+    del src_brain, ref_nonzero
     flags.extend(check_survival(case_id, brain_vol, ref.path, grid=grid))
     info["brain_volume"] = {**brain_vol.to_dict(), "channels": [channels[ci] for ci in same]}
 
@@ -628,6 +671,8 @@ def standardize_case(
 def _check_resampled(case_id: str, name: str, path: Path, arr: np.ndarray) -> None:
     """A resampled channel must be finite (a guard: the sources were checked, and
     SimpleITK clamps to float32's range rather than overflow)."""
+    if np.isfinite(arr.min()) and np.isfinite(arr.max()):  # NaN propagates, inf is reached
+        return
     finite = np.isfinite(arr)
     if not finite.all():
         z, y, x = (int(v) for v in np.argwhere(~finite)[0])

@@ -13,6 +13,11 @@ standardizer's job, after `label_values` has shown what the file holds).
 ``"dicom-seg"``         (not an image: VolumeError)        `seg.read_seg_label`
 ======================  =================================  ============================
 
+Both take the file's bytes when the caller has already read them (``data=``, for the
+kinds of `~pipeline.sources.base.IN_MEMORY_KINDS`: NIfTI), and then decode those bytes
+without opening the file; the ingest reads each source file once, hashes and decodes it
+(`~pipeline.sources.base.CaseSource.read_files`). DICOM is read from its paths.
+
 Every failure is a `~pipeline.errors.VolumeError` naming the file and the offending
 value, which the ingest records as the case's quarantine reason. That includes a volume
 whose header declares more voxels or bytes than `pipeline.limits` allows
@@ -28,7 +33,7 @@ from pipeline.errors import VolumeError
 from pipeline.io.dicom import read_dicom_label_series, read_dicom_series
 from pipeline.io.nifti import read_nifti_image, read_nifti_label
 from pipeline.io.seg import read_seg_label
-from pipeline.sources.base import VolumeRef
+from pipeline.sources.base import IN_MEMORY_KINDS, VolumeRef
 
 __all__ = ["label_values", "read_image", "read_label"]
 
@@ -42,13 +47,23 @@ def _check_ref(ref: VolumeRef) -> None:
         )
 
 
-def read_image(ref: VolumeRef) -> sitk.Image:
+def _check_data(ref: VolumeRef, data: bytes | None) -> None:
+    if data is not None and ref.kind not in IN_MEMORY_KINDS:
+        raise ValueError(
+            f"volume {str(ref.path)!r} is of kind {ref.kind!r}, which is read from its "
+            f"paths; bytes in memory (data=) are decoded only for kinds {IN_MEMORY_KINDS!r}"
+        )
+
+
+def read_image(ref: VolumeRef, *, data: bytes | None = None) -> sitk.Image:
     """Read an intensity volume as a 3D float32 SimpleITK image (LPS+ geometry).
 
     Parameters
     ----------
     ref : VolumeRef
         ``kind`` "nifti" (one file) or "dicom" (the files of one series).
+    data : bytes, optional
+        For "nifti": the file's bytes, already read; decoded without opening the file.
 
     Returns
     -------
@@ -59,10 +74,13 @@ def read_image(ref: VolumeRef) -> sitk.Image:
     VolumeError
         Unknown kind, or the reader's own errors (missing, corrupt, truncated file; not
         3D; unreadable DICOM; incomplete slice stack).
+    ValueError
+        ``data`` given for a kind that is read from its paths.
     """
     _check_ref(ref)
+    _check_data(ref, data)
     if ref.kind == "nifti":
-        return read_nifti_image(ref.paths[0])
+        return read_nifti_image(ref.paths[0], data=data)
     if ref.kind == "dicom":
         return read_dicom_series(ref.paths)
     raise VolumeError(
@@ -70,7 +88,8 @@ def read_image(ref: VolumeRef) -> sitk.Image:
     )
 
 
-def read_label(ref: VolumeRef, *, reference: sitk.Image | None = None) -> sitk.Image:
+def read_label(ref: VolumeRef, *, reference: sitk.Image | None = None,
+               data: bytes | None = None) -> sitk.Image:
     """Read a label volume as 3D uint8 with its values as stored.
 
     Parameters
@@ -84,6 +103,8 @@ def read_label(ref: VolumeRef, *, reference: sitk.Image | None = None) -> sitk.I
         For "dicom-seg": the already-read image of the referenced series, whose grid
         the label takes. When omitted the series is located next to the SEG. Ignored
         for the other kinds.
+    data : bytes, optional
+        For "nifti": the file's bytes, already read; decoded without opening the file.
 
     Returns
     -------
@@ -95,10 +116,13 @@ def read_label(ref: VolumeRef, *, reference: sitk.Image | None = None) -> sitk.I
     VolumeError
         Unknown kind; values that are not integers in 0..255; the readers' own errors
         (for SEG: no matching segment, referenced series not found, frames off-grid).
+    ValueError
+        ``data`` given for a kind that is read from its paths.
     """
     _check_ref(ref)
+    _check_data(ref, data)
     if ref.kind == "nifti":
-        return read_nifti_label(ref.paths[0])
+        return read_nifti_label(ref.paths[0], data=data)
     if ref.kind == "dicom":
         return read_dicom_label_series(ref.paths)
     if ref.kind == "dicom-seg":

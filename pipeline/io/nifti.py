@@ -15,6 +15,17 @@ its declaration is refused as truncated before any voxel is read. A gzip (or bzi
 stream is handed to nibabel through a reader that ends at ``vox_offset`` + the declared
 payload: whatever the stream holds beyond that is never decompressed, so a small file
 that inflates to gigabytes costs no more than its header declares.
+
+From a path or from bytes
+-------------------------
+Every reader takes the file's path and, optionally, its bytes already read (``data=``;
+the ingest reads each source file once, hashes it and decodes it from memory, see
+`pipeline.sources.base`). Given the bytes, nothing is read from disk: the same header
+checks, the same capped decompression and the same decoding run on them, and the path
+only names the file in messages (and gives nibabel the name it checks). Without them the
+file is opened (an uncompressed file is memory-mapped). One exception keeps the outcome
+the same both ways: an uncompressed stream in a file whose name says compressed
+(``.gz``, ``.bz2``, ``.zst``) is handed to nibabel by name, which refuses it as before.
 """
 
 from __future__ import annotations
@@ -34,6 +45,7 @@ import nibabel as nib
 import numpy as np
 import SimpleITK as sitk
 from nibabel.filebasedimages import ImageFileError
+from nibabel.openers import ImageOpener
 from nibabel.spatialimages import HeaderDataError
 from numpy.typing import NDArray
 
@@ -157,8 +169,18 @@ class NiftiLayout:
         return self.data_offset + self.data_bytes
 
 
-def _open_stream(path: Path) -> tuple[BinaryIO, bool]:
-    """The file's decompressed byte stream (gzip and bzip2 sniffed by magic number)."""
+def _open_stream(path: Path, data: bytes | None = None) -> tuple[BinaryIO, bool]:
+    """The decompressed byte stream of the file, or of its bytes ``data`` when given.
+
+    gzip and bzip2 are sniffed by magic number.
+    """
+    if data is not None:
+        raw = io.BytesIO(data)
+        if data[:2] == b"\x1f\x8b":
+            return gzip.GzipFile(fileobj=raw, mode="rb"), True  # type: ignore[return-value]
+        if data[:3] == b"BZh":
+            return bz2.BZ2File(raw, "rb"), True  # type: ignore[return-value]
+        return raw, False
     with open(path, "rb") as fh:
         magic = fh.read(3)
     if magic[:2] == b"\x1f\x8b":
@@ -245,13 +267,16 @@ def _parse_layout(path: Path, fh: BinaryIO, compressed: bool) -> NiftiLayout:
     return NiftiLayout(klass, shape, dtype, data_offset, data_bytes, compressed)
 
 
-def nifti_layout(path: Path) -> NiftiLayout:
+def nifti_layout(path: Path, *, data: bytes | None = None) -> NiftiLayout:
     """Read and check what a NIfTI file declares, without decoding its voxels.
 
     Parameters
     ----------
     path : Path
         ``.nii`` file, or a gzip/bzip2 stream of one (``.nii.gz``).
+    data : bytes, optional
+        The file's bytes, already read: parsed instead of the file (``path`` then only
+        names it in messages).
 
     Returns
     -------
@@ -270,10 +295,10 @@ def nifti_layout(path: Path) -> NiftiLayout:
     Reads at most ``vox_offset`` bytes of the (decompressed) stream, in chunks of 1 MiB.
     """
     path = Path(path)
-    if not path.is_file():
+    if data is None and not path.is_file():
         raise VolumeError(path, "file not found")
     try:
-        fh, compressed = _open_stream(path)
+        fh, compressed = _open_stream(path, data)
         with fh:
             return _parse_layout(path, fh, compressed)
     except _READ_ERRORS as err:
@@ -339,17 +364,18 @@ class _CappedStream(io.RawIOBase):
 
 
 @contextmanager
-def _open_image(path: Path) -> Iterator[nib.spatialimages.SpatialImage]:
-    """The nibabel image of ``path``, its declaration checked; voxels read on demand.
+def _open_image(path: Path, data: bytes | None = None) -> Iterator[nib.spatialimages.SpatialImage]:
+    """The nibabel image of ``path`` (or of its bytes ``data``), its declaration checked.
 
-    Uncompressed files are memory-mapped after checking they hold what the header
+    Voxels are read on demand. An uncompressed file is memory-mapped (from bytes in
+    memory, its voxels are copied out of them) after checking it holds what the header
     declares. Compressed streams are read through `_CappedStream`, which ends at
     ``vox_offset`` + the declared voxel bytes; the stream stays open inside the block.
     """
-    layout = nifti_layout(path)
+    layout = nifti_layout(path, data=data)
     klass = layout.image_class
     if not layout.compressed:
-        size = path.stat().st_size
+        size = path.stat().st_size if data is None else len(data)
         if size < layout.end:
             raise VolumeError(
                 path,
@@ -358,14 +384,22 @@ def _open_image(path: Path) -> Iterator[nib.spatialimages.SpatialImage]:
                 f"{layout.shape!r}) but the file holds {size}; truncated file?",
             )
         try:
-            img = klass.from_filename(str(path))
+            if data is None or Path(path).suffix.lower() in ImageOpener.compress_ext_map:
+                # nibabel decompresses by file name: a plain stream named '.gz' fails
+                # there, and keeps failing the same way (read from the path again).
+                img = klass.from_filename(str(path))
+            else:
+                # nibabel's own checks of the name, then the bytes in place of the file
+                file_map = klass.filespec_to_file_map(str(path))
+                file_map["image"].fileobj = io.BytesIO(data)
+                img = klass.from_file_map(file_map, mmap=False)
         except _READ_ERRORS as err:
             raise VolumeError(
                 path, f"not a readable NIfTI file ({type(err).__name__}: {err})"
             ) from err
         yield img
         return
-    raw, _ = _open_stream(path)
+    raw, _ = _open_stream(path, data)
     with raw, _CappedStream(raw, layout.end, str(path)) as capped:
         try:
             img = klass.from_file_map(klass.make_file_map({"image": capped}), mmap=False)
@@ -413,13 +447,16 @@ def _to_sitk(path: Path, data: NDArray, affine: NDArray[np.floating]) -> sitk.Im
     return image
 
 
-def read_nifti_image(path: Path) -> sitk.Image:
+def read_nifti_image(path: Path, *, data: bytes | None = None) -> sitk.Image:
     """Read a 3D NIfTI intensity volume as a float32 SimpleITK image in LPS+ space.
 
     Parameters
     ----------
     path : Path
         ``.nii`` or ``.nii.gz`` file.
+    data : bytes, optional
+        The file's bytes, already read: decoded instead of the file (``path`` then
+        only names it in messages).
 
     Returns
     -------
@@ -436,18 +473,20 @@ def read_nifti_image(path: Path) -> sitk.Image:
         (a 4D volume whose extra dimensions are all 1 is squeezed); sheared affine.
     """
     path = Path(path)
-    with _open_image(path) as img:
+    with _open_image(path, data) as img:
         data = _data(path, img, np.float32)
         return _to_sitk(path, data, img.affine)
 
 
-def read_nifti_label(path: Path) -> sitk.Image:
+def read_nifti_label(path: Path, *, data: bytes | None = None) -> sitk.Image:
     """Read a 3D NIfTI label volume as uint8, keeping the stored label values.
 
     Parameters
     ----------
     path : Path
         ``.nii`` or ``.nii.gz`` file.
+    data : bytes, optional
+        As `read_nifti_image`.
 
     Returns
     -------
@@ -461,7 +500,7 @@ def read_nifti_label(path: Path) -> sitk.Image:
         message gives the first offending value).
     """
     path = Path(path)
-    with _open_image(path) as img:
+    with _open_image(path, data) as img:
         data = _data(path, img, None)
         return _to_sitk(path, check_label_array(path, data), img.affine)
 
