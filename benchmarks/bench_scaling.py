@@ -8,7 +8,7 @@ workers, all in one run:
 
 - ``read``: reading and decompressing one case in this process (the floor);
 - ``case``: one case's statistics in this process (`StatsJob.run`: read, kernel,
-  persist), the unit of work a worker does;
+  persist the partials), the unit of work a worker does;
 - ``task``: the scheduler's overhead per task, from 400 empty tasks on the cluster;
 - ``start``: a ``dask scheduler`` and W ``dask worker`` processes from spawn to ready;
 - ``s3``: reading one case from a loopback S3 server (moto) against the local read;
@@ -38,6 +38,7 @@ from pathlib import Path
 
 from benchmarks.bench_stats import _prepare
 
+MMAP_THRESHOLD = 32 * 2**20
 CORPUS_CASES = 1531  # the seeds' corpus (UPENN-GBM, UCSF-PDGM, BraTS-Africa, LGG, ReMIND)
 _DASK = str(Path(sys.executable).with_name("dask"))
 
@@ -51,7 +52,7 @@ def _free_port() -> int:
 class Cluster:
     """A scheduler and ``workers`` single-threaded worker processes on loopback."""
 
-    def __init__(self, workers: int) -> None:
+    def __init__(self, workers: int, *, tuned: bool = True) -> None:
         from distributed import Client
 
         port = _free_port()
@@ -65,8 +66,16 @@ class Cluster:
                 if probe.connect_ex(("127.0.0.1", port)) == 0:
                     break
             time.sleep(0.05)
+        # As `pipeline.stats_runner.local_cluster` does: the nanny freezes glibc's mmap
+        # threshold at 128 KiB (MALLOC_TRIM_THRESHOLD_), which slows the kernel's
+        # block-sized temporaries; docs/scaling.md tells how to start workers this way.
+        env = {**os.environ,
+               "DASK_DISTRIBUTED__NANNY__PRE_SPAWN_ENVIRON__MALLOC_MMAP_THRESHOLD_":
+                   str(MMAP_THRESHOLD) if tuned else ""}
+        if not tuned:
+            env.pop("DASK_DISTRIBUTED__NANNY__PRE_SPAWN_ENVIRON__MALLOC_MMAP_THRESHOLD_")
         self.procs += [subprocess.Popen([_DASK, "worker", self.address, "--nworkers", "1",
-                                         "--nthreads", "1", "--no-dashboard"], **quiet)
+                                         "--nthreads", "1", "--no-dashboard"], env=env, **quiet)
                        for _ in range(workers)]
         self.client = Client(self.address, timeout=120)
         self.client.wait_for_workers(workers, timeout=300)
@@ -163,18 +172,18 @@ def in_process(url: str, dataset: str, repeats: int) -> dict[str, float]:
         store.read_case(job.case_id)
         reads.append(time.perf_counter() - t0)
         t0 = time.perf_counter()
-        job.run(persist_result=False)
+        job.run()  # persisting included, as on a worker
         cases.append(time.perf_counter() - t0)
     return {"read": statistics.median(reads), "case": statistics.median(cases)}
 
 
-def cluster_run(url: str, dataset: str, workers: int) -> dict[str, float]:
+def cluster_run(url: str, dataset: str, workers: int, *, tuned: bool = True) -> dict[str, float]:
     """Start a cluster of ``workers``, warm it with one pass, time a second full pass."""
     from pipeline.stats_runner import plan_stats, run_jobs
     from pipeline.store import DatasetStore
 
     plan = plan_stats(DatasetStore.open(url, dataset), recompute=True)
-    cluster = Cluster(workers)
+    cluster = Cluster(workers, tuned=tuned)
     try:
         run_jobs(plan.jobs[:workers], cluster.address)  # imports, numba cache, page cache
         task = task_overhead(cluster)
@@ -201,11 +210,19 @@ def main() -> None:
     url, _ = _prepare(args.workdir, args.cases)
     dataset = "bench16"
     cores = os.cpu_count() or 1
+    from pipeline.store import DatasetStore
+
+    store = DatasetStore.open(url, dataset)
+    for cid in store.committed():  # every case in the page cache before anything is timed
+        store.read_case(cid)
     one = in_process(url, dataset, args.repeats)
     one["bytes"] = case_bytes(url, dataset)
     print(f"in process, per case: read {one['read']:.3f} s, statistics {one['case']:.3f} s "
           f"({one['case'] / one['read']:.2f}x the read)", flush=True)
     runs = {w: cluster_run(url, dataset, w) for w in (1, 2)}
+    untuned = cluster_run(url, dataset, 2, tuned=False)
+    print(f"2 workers started without the mmap threshold: {untuned['wall']:.2f} s "
+          f"({untuned['wall'] / runs[2]['wall']:.2f}x the tuned run)", flush=True)
     rows = []
     for w, r in runs.items():
         predicted = model(r["n"], w, cores, one["case"], r["task"])
@@ -221,6 +238,7 @@ def main() -> None:
     w_max = max(runs)
     per_case_cluster = runs[w_max]["wall"] / math.ceil(runs[w_max]["n"] / min(w_max, cores))
     result = {"cores": cores, "in_process": one, "clusters": {str(k): v for k, v in runs.items()},
+              "untuned_2": untuned,
               "s3": s3, "per_case_on_cluster_s": per_case_cluster}
     out = args.workdir / "scaling.json"
     out.write_text(json.dumps(result, indent=2) + "\n")
