@@ -316,3 +316,55 @@ def test_the_default_scheduler_follows_the_size_of_the_job(store_with_cases, mon
     run_stats(url, "ds", recompute=True)
     run_stats(url, "ds", scheduler="tcp://127.0.0.1:1", recompute=True)
     assert seen == ["synchronous", None, None, "tcp://127.0.0.1:1"]
+
+
+def test_in_process_jobs_read_the_next_case_while_computing(store_with_cases, monkeypatch):
+    """The in-process scheduler reads case i+1 while case i is reduced (issue 14), keeps
+    the jobs' order, and never holds more than two cases."""
+    import threading
+    import time
+
+    from pipeline import stats_runner as sr
+    from pipeline.store import DatasetStore
+
+    url, _, _ = store_with_cases
+    plan = sr.plan_stats(DatasetStore.open(url, "ds"), recompute=True)
+    events, lock = [], threading.Lock()
+    computing = threading.Event()
+    real_read, real_compute = sr.StatsJob.read, sr.StatsJob.compute
+
+    def read(self):
+        with lock:
+            events.append(("read", self.case_id, computing.is_set()))
+        return real_read(self)
+
+    def compute(self, arrays, *, persist_result=True):
+        computing.set()
+        # wait (at most 5 s) for the read-ahead thread to start the next case's read
+        deadline = time.monotonic() + 5
+        while time.monotonic() < deadline:
+            with lock:
+                n_read = sum(e[0] == "read" for e in events)
+                n_done = sum(e[0] == "done" for e in events)
+            if n_read >= min(len(plan.jobs), n_done + 2):
+                break
+            time.sleep(0.005)
+        try:
+            return real_compute(self, arrays, persist_result=persist_result)
+        finally:
+            with lock:
+                events.append(("done", self.case_id, True))
+            computing.clear()
+
+    monkeypatch.setattr(sr.StatsJob, "read", read)
+    monkeypatch.setattr(sr.StatsJob, "compute", compute)
+    out = sr.run_jobs(plan.jobs, "synchronous")
+    assert [p.case_id for p in out] == [j.case_id for j in plan.jobs]
+    reads = [e for e in events if e[0] == "read"]
+    assert [e[1] for e in reads] == [j.case_id for j in plan.jobs]
+    assert any(e[2] for e in reads[1:])  # a later read happened while a case was computing
+    # never more than one read ahead of the computations
+    ahead = 0
+    for kind, _, _ in events:
+        ahead += 1 if kind == "read" else -1
+        assert ahead <= 2
