@@ -34,6 +34,7 @@ from __future__ import annotations
 import csv
 import hashlib
 import json
+import logging
 import math
 import warnings
 from collections.abc import Mapping, Sequence
@@ -64,6 +65,8 @@ from pipeline.train.losses import LOSSES, build_loss
 from pipeline.train.metrics import DISTANCE_METRICS, METRIC_NAMES
 from pipeline.train.normalize import NormalizationPlan
 from stats.paired import MIN_PAIRS, PairedComparison, paired_comparison, verdict
+
+log = logging.getLogger(__name__)
 
 TABLE_COLUMNS: tuple[tuple[str, str], ...] = (
     ("accuracy", "Acc"), ("dice", "Dice"), ("f2", "F2"), ("iou", "IoU"),
@@ -560,6 +563,36 @@ def _write_rows(path: Path, rows: Sequence[Mapping[str, Any]]) -> None:
         writer.writerows(rows)
 
 
+#: What a finished fold depends on besides its loss: a run folder whose config.json
+#: differs in any of these is not resumed (its folds would answer another question).
+RESUME_KEYS = ("store", "dataset", "folds", "train", "normalization", "manifest_sha256")
+
+
+def _reusable_losses(previous_path: Path, config: Mapping[str, Any]) -> set[str]:
+    """The losses whose folds in a run folder may be resumed under ``config``.
+
+    None when the folder's ``config.json`` is missing, unreadable, or differs in
+    `RESUME_KEYS`; otherwise the losses whose spec is unchanged. Differences are logged,
+    so a re-run with new options says why it trains from scratch.
+    """
+    try:
+        previous = json.loads(previous_path.read_text())
+    except (OSError, ValueError):
+        return set()
+    now = json.loads(json.dumps(config))  # the same JSON types as the file
+    changed = [k for k in RESUME_KEYS if previous.get(k) != now.get(k)]
+    if changed:
+        log.warning("%s was written with other %s; its folds are trained again, not resumed",
+                    previous_path.parent, ", ".join(changed))
+        return set()
+    before = previous.get("losses") or {}
+    redo = sorted(n for n, spec in now["losses"].items() if n in before and before[n] != spec)
+    if redo:
+        log.warning("%s: the loss %s changed; its folds are trained again",
+                    previous_path.parent, ", ".join(redo))
+    return {n for n, spec in now["losses"].items() if before.get(n) == spec}
+
+
 def run_benchmark(store_url: str, dataset: str, losses: Sequence[str], *,
                   plan: NormalizationPlan, cfg: TrainConfig, folds: int, out_dir: Path,
                   manifest_spec: Mapping[str, Any] | None = None,
@@ -584,7 +617,10 @@ def run_benchmark(store_url: str, dataset: str, losses: Sequence[str], *,
     manifest_spec, manifest_path
         The manifest's loss spec, and the file it came from (recorded with its hash).
     resume : bool, default True
-        Reuse finished folds and continue from checkpoints in ``out_dir``.
+        Reuse finished folds and continue from checkpoints in ``out_dir``, for the losses
+        whose spec is unchanged and only when the folder's ``config.json`` matches in
+        `RESUME_KEYS` (split, training options, normalization, manifest); otherwise
+        their folds are trained again, with a warning.
     progress : callable, optional
         Receives ``{"kind": "start", "losses", "folds", "epochs"}`` first, then the
         loop's progress events (`train_fold`) and ``{"kind": "fold_done", "loss",
@@ -614,6 +650,7 @@ def run_benchmark(store_url: str, dataset: str, losses: Sequence[str], *,
         "packages": _versions(), "created_at": datetime.now(timezone.utc).isoformat(),
         "registry": sorted(LOSSES),
     }
+    reusable = _reusable_losses(out_dir / "config.json", config) if resume else set()
     write_text_atomic(out_dir / "config.json", json.dumps(config, indent=1))
     for stale in OPTIONAL_OUTPUTS:  # written only by some runs: never left from an earlier one
         (out_dir / stale).unlink(missing_ok=True)
@@ -630,7 +667,7 @@ def run_benchmark(store_url: str, dataset: str, losses: Sequence[str], *,
             try:
                 res = train_fold(store_url, dataset, fold, name, spec, plan, cfg,
                                  out_dir / name / f"fold{fold.index}", spacing_zyx=spacing_zyx,
-                                 resume=resume, progress=progress,
+                                 resume=name in reusable, progress=progress,
                                  overlay_channel=overlay_channel)
             except TrainingDiverged as err:
                 failures[f"{name}/fold{fold.index}"] = str(err)

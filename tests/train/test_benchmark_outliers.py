@@ -55,3 +55,30 @@ def test_stale_optional_outputs_are_removed(tmp_path) -> None:
                   folds=2, out_dir=out)
     assert not any((out / name).exists() for name in OPTIONAL_OUTPUTS)
     assert (out / "curves.png").stat().st_size > 0
+
+
+def test_a_run_folder_is_resumed_only_under_the_same_options(tmp_path, caplog) -> None:
+    """Finished folds are reused when nothing that shaped them changed, trained again when
+    the training options (or a loss's spec) differ, with a warning saying which."""
+    import logging
+
+    from pipeline.train.benchmark import run_benchmark
+    from tests.train.test_data import make_store, plan_for
+    from tests.train.test_loop import tiny_cfg
+
+    url, ds = make_store(tmp_path, 2)
+    out = tmp_path / "run"
+
+    def run(**cfg):
+        return run_benchmark(url, ds, ["dice"], plan=plan_for(),
+                             cfg=tiny_cfg(epochs=1, n_overlays=0, **cfg), folds=2, out_dir=out)
+
+    run()
+    result = out / "dice" / "fold0" / "result.json"
+    first = result.stat().st_mtime_ns
+    run()  # the same options: the fold is reused, its result untouched
+    assert result.stat().st_mtime_ns == first
+    with caplog.at_level(logging.WARNING, logger="pipeline.train.benchmark"):
+        run(lr=0.5)  # another learning rate: the folds answer another question
+    assert result.stat().st_mtime_ns != first
+    assert "written with other train" in caplog.text
