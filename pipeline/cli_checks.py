@@ -8,17 +8,13 @@ commands report them as one-line errors with exit 1.
 
 from __future__ import annotations
 
-from collections.abc import Sequence
 from pathlib import Path
 
 import typer
 
+from pipeline.grid import people
+
 __all__ = ["check_dataset_name", "check_device", "check_store", "people"]
-
-
-def people(values: Sequence[object]) -> str:
-    """``(240, 240, 155)`` as ``240 240 155``: a tuple as it is typed on the command line."""
-    return " ".join(f"{v:g}" if isinstance(v, float) else str(v) for v in values)
 
 
 def check_store(value: str | None) -> str | None:

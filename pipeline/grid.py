@@ -11,11 +11,15 @@ from dataclasses import dataclass
 
 import numpy as np
 
-__all__ = ["Grid"]
+__all__ = ["Grid", "people"]
 
 
-def _typed(values: Sequence[object]) -> str:
-    """``(1.0, 1.0, 1.0)`` as ``1 1 1``, the way it is typed on the command line."""
+def people(values: Sequence[object]) -> str:
+    """``(240, 240, 155)`` as ``240 240 155``: a tuple as it is typed on the command line.
+
+    Here rather than in `pipeline.cli_checks` (which imports typer) so that `Grid`'s
+    messages read the same way without it.
+    """
     return " ".join(f"{v:g}" if isinstance(v, float) else str(v) for v in values)
 
 
@@ -61,18 +65,18 @@ class Grid:
         for axis, s in zip("xyz", self.spacing, strict=True):
             if isinstance(s, bool) or not isinstance(s, (int, float, np.integer, np.floating)):
                 raise ValueError(f"grid spacing {axis} must be a number of mm, got {s!r} "
-                                 f"(spacing {_typed(self.spacing)})")
+                                 f"(spacing {people(self.spacing)})")
             if not (np.isfinite(s) and min_spacing_mm <= s <= max_spacing_mm):
                 raise ValueError(
                     f"grid spacing {axis} must be a finite number of mm in [{min_spacing_mm:g}, "
-                    f"{max_spacing_mm:g}], got {s!r} (spacing {_typed(self.spacing)})")
+                    f"{max_spacing_mm:g}], got {s!r} (spacing {people(self.spacing)})")
         for axis, n in zip("xyz", self.shape, strict=True):
             whole = (isinstance(n, (int, np.integer)) and not isinstance(n, bool)) or (
                 isinstance(n, (float, np.floating)) and np.isfinite(n) and float(n).is_integer())
             if not (whole and 1 <= n <= max_voxels):
                 raise ValueError(
                     f"grid shape {axis} must be a whole number of voxels in [1, {max_voxels}], "
-                    f"got {n!r} (shape {_typed(self.shape)})")
+                    f"got {n!r} (shape {people(self.shape)})")
 
     @property
     def zyx(self) -> tuple[int, int, int]:
