@@ -324,10 +324,16 @@ class DatasetStore:
 
     def uncommit(self, case_id: str) -> None:
         """Hide a case (before its slot is overwritten); works on a damaged record too."""
-        cases = self._meta("cases")
-        key = store_key(case_id)
-        if key in self._member_names("cases"):
-            del cases[key]
+        self._drop_record("cases", store_key(case_id))
+
+    def _drop_record(self, kind: str, key: str) -> None:
+        """Delete ``_xrai/<kind>/<key>`` whatever it holds (a no-op when it is absent).
+
+        A store-level delete of the prefix: it needs no listing of the other records
+        (one per commit would make ingest quadratic in the dataset's size) and no parsing
+        of this one's metadata (which may be the damaged part).
+        """
+        sync(self._group.store.delete_dir(f"{self._group.path}/{_META}/{kind}/{key}"))
 
     def write_case(self, slot: int, *, image: np.ndarray, label: np.ndarray, brain: np.ndarray,
                    annotated: np.ndarray) -> dict[str, str]:
@@ -372,9 +378,7 @@ class DatasetStore:
         record = {**attrs, "case_id": case_id, "slot": int(slot), "content_hash": content_hash}
         key = store_key(case_id)
         self._meta("cases").create_group(key, attributes=_jsonable(record), overwrite=True)
-        quarantine = self._meta("quarantine")
-        if key in self._member_names("quarantine"):
-            del quarantine[key]
+        self._drop_record("quarantine", key)
 
     def quarantine(self, case_id: str, reason: str, path: str | None = None,
                    content_hash: str | None = None) -> None:
