@@ -333,14 +333,7 @@ class Chromium:
         ws = getattr(self, "_ws", None)
         if ws is not None:
             ws.close()
-        try:
-            os.killpg(self._proc.pid, signal.SIGTERM)
-            self._proc.wait(timeout=10)
-        except ProcessLookupError:
-            pass
-        except subprocess.TimeoutExpired:
-            os.killpg(self._proc.pid, signal.SIGKILL)
-            self._proc.wait()
+        _stop_group(self._proc, timeout=10)
         self._log.close()
         self._profile.cleanup()
 
@@ -553,15 +546,20 @@ def _start_server(env: Mapping[str, str], port: int, log_path: Path) -> _Server:
     return _Server(proc, log)
 
 
-def _stop_server(server: _Server) -> None:
+def _stop_group(proc: subprocess.Popen, *, timeout: float) -> None:
+    """SIGTERM the process group started with ``proc``, SIGKILL it after ``timeout`` s."""
     try:
-        os.killpg(server.proc.pid, signal.SIGTERM)
-        server.proc.wait(timeout=30)
+        os.killpg(proc.pid, signal.SIGTERM)
+        proc.wait(timeout=timeout)
     except ProcessLookupError:
         pass
     except subprocess.TimeoutExpired:
-        os.killpg(server.proc.pid, signal.SIGKILL)
-        server.proc.wait()
+        os.killpg(proc.pid, signal.SIGKILL)
+        proc.wait()
+
+
+def _stop_server(server: _Server) -> None:
+    _stop_group(server.proc, timeout=30)
     server.log.close()
 
 
