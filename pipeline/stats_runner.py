@@ -36,7 +36,7 @@ import logging
 import math
 import zlib
 from collections.abc import Callable, Iterable, Mapping, Sequence
-from concurrent.futures import ThreadPoolExecutor
+from concurrent.futures import Future, ThreadPoolExecutor
 from dataclasses import dataclass
 from datetime import datetime, timezone
 from typing import Any
@@ -57,6 +57,7 @@ from stats.dataset import (
     intensity_distributions,
     label_distributions,
     nice_upper,
+    prepare,
 )
 from stats.summary import DatasetStats
 
@@ -111,7 +112,9 @@ def encode_partials(partials: CasePartials) -> bytes:
     """The partials as zlib-compressed JSON: what the store keeps and what a worker sends
     back (about 20 kB a case, against about 1 MB pickled: the histograms are mostly
     empty bins). JSON keeps every float exactly (shortest round-trip repr)."""
-    return zlib.compress(json.dumps(partials.to_dict()).encode(), 6)
+    # level 1: a quarter of level 6's time (about 1 ms against 3.5 ms on a case of
+    # 4 x 160x160x100) for blobs about 20 % larger
+    return zlib.compress(json.dumps(partials.to_dict()).encode(), 1)
 
 
 def decode_partials(blob: bytes) -> CasePartials:
@@ -171,10 +174,14 @@ class StatsJob:
         """The partials of the arrays `read` returned, persisted unless told not to."""
         partials = case_partials(self.case_id, self.content_hash, dict(arrays), self.config)
         if persist_result:
-            store = DatasetStore.open(self.store_url, self.dataset, writable=True,
-                                      storage_options=self.storage_options)
-            persist(store, partials)
+            self.persist(partials)
         return partials
+
+    def persist(self, partials: CasePartials) -> None:
+        """Write the partials `compute` returned to the store (`persist`)."""
+        store = DatasetStore.open(self.store_url, self.dataset, writable=True,
+                                  storage_options=self.storage_options)
+        persist(store, partials)
 
 
 @dataclass(frozen=True)
@@ -399,20 +406,32 @@ def run_jobs(jobs: Sequence[StatsJob], scheduler: str | None = "synchronous",
     if not jobs:
         return []
     if scheduler in ("synchronous", "threads", "sync", "single-threaded"):
-        # One case at a time, the next one read while this one is reduced: decompression
-        # (blosc) and the fused kernel (numba, nogil) release the GIL, so on two cores
-        # reading and computing overlap. At most two cases are in memory.
-        out = []
-        with ThreadPoolExecutor(1, thread_name_prefix="xrai-read-ahead") as reader:
+        # One case at a time in three stages: the next case is read while this one is
+        # reduced and the previous one's partials are written. Decompression (blosc) and
+        # the fused kernel (numba, nogil) release the GIL, so on two cores they overlap.
+        # At most two cases' arrays are in memory, and one write is pending.
+        out: list[CasePartials] = []
+        with ThreadPoolExecutor(1, thread_name_prefix="xrai-read-ahead") as reader, \
+                ThreadPoolExecutor(1, thread_name_prefix="xrai-persist") as writer:
             upcoming = reader.submit(jobs[0].read)
+            prepare()  # the kernel's first-call cost, while the first case is read
+            written: Future[None] | None = None
+            done_id: str | None = None
             for i, job in enumerate(jobs):
                 arrays = upcoming.result()
                 if i + 1 < len(jobs):
                     upcoming = reader.submit(jobs[i + 1].read)
-                out.append(job.compute(arrays))
+                partials = job.compute(arrays, persist_result=False)
                 del arrays
-                if on_done:
-                    on_done(job.case_id)
+                if written is not None:  # the previous case is done once it is stored
+                    written.result()
+                    if on_done:
+                        on_done(done_id)
+                written, done_id = writer.submit(job.persist, partials), job.case_id
+                out.append(partials)
+            written.result()
+            if on_done:
+                on_done(done_id)
         return out
 
     from distributed import Client, as_completed

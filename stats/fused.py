@@ -66,7 +66,7 @@ except ImportError:  # pragma: no cover - exercised where numba is missing
     numba = None
 
 __all__ = ["BLOCK", "ENV_VAR", "SUPPORTED", "available", "region_partials", "selected",
-           "supports"]
+           "supports", "warm_up"]
 
 #: Environment variable that selects the per-volume kernel: ``numba`` (default when numba
 #: is importable) or ``numpy``.
@@ -593,3 +593,20 @@ def _partial(f: NDArray[np.float64]) -> MomentPartial:
     if f[0] == 0:
         return MomentPartial.empty()
     return MomentPartial(int(f[0]), float(f[7] + f[1]), *(float(x) for x in f[2:7]))
+
+
+def warm_up() -> None:
+    """Load (or compile) the kernel's machine code now, for the engine's volumes.
+
+    numba's first call in a process costs about 0.4 s (setting up its compiler's target,
+    then loading the cached code); a caller can overlap it with I/O, such as reading the
+    first case. Does nothing without numba.
+    """
+    if numba is None:
+        return
+    from stats.transforms import arcsin_sqrt, ln
+
+    values = np.ones((2, 2, 2), np.float32)  # the store's image dtype and rank
+    codes = np.ones((2, 2, 2), np.uint8)
+    region_partials(values, codes, 2, {"ln": ln(1.0), "arcsin_sqrt": arcsin_sqrt(2.0)},
+                    edges=np.linspace(0.0, 2.0, 9), clamp=(0.0, 2.0))

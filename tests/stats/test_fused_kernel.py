@@ -422,3 +422,30 @@ def test_compiled_once_then_loaded_from_the_cache(tmp_path: Path) -> None:
                            check=True, cwd=ROOT, env=env).stdout.split() for _ in range(2)]
     assert runs[0] == ["0", "1"]  # the first process compiles
     assert runs[1] == ["1", "0"]  # the next one loads
+
+
+@needs_numba
+def test_warm_up_loads_the_code_the_engine_then_runs() -> None:
+    """`fused.warm_up` readies the very specialisation `case_partials` calls (float32
+    volumes, uint8 codes, the engine's candidates): in a fresh process (no earlier call
+    has compiled anything), the real call after it adds no signature."""
+    code = """
+import numpy as np
+from stats import fused
+from stats.dataset import N_CODES, EngineConfig, case_partials
+fused.warm_up()
+before = len(fused._fused.signatures)
+rng = np.random.default_rng(3)
+image = rng.gamma(2.0, 50.0, size=(2, 6, 7, 8)).astype(np.float32)
+label = rng.integers(0, N_CODES - 1, size=(6, 7, 8)).astype(np.uint8)
+arrays = {"image": image, "label": label, "brain": np.ones((6, 7, 8), bool),
+          "annotated": np.ones(6, bool)}
+config = EngineConfig(channels=("t1", "t2"), upper={"t1": 1000.0, "t2": 1000.0},
+                      voxel_ml=0.001, bins=64, scale={"t1": 900.0, "t2": 900.0})
+case_partials("c", "h", arrays, config)
+print(before, len(fused._fused.signatures))
+"""
+    env = {**os.environ, fused.ENV_VAR: "numba"}
+    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True,
+                         check=True, cwd=ROOT, env=env).stdout.split()
+    assert out == ["1", "1"]
