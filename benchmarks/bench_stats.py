@@ -2,9 +2,17 @@
 
     make bench-stats        # or: .venv/bin/python -m benchmarks.bench_stats
 
-On a cached store of 16 phantom cases of 4x240x240x155 (generated once under
-.bench/stats), on one Dask LocalCluster (2 worker processes, 1 thread each, the engine's
-own `local_cluster`), after a warm-up run, it prints:
+First the command line as users run it (issue 14), on two case sizes, 4 x 160x160x100 and
+4 x 240x240x155 (stores of 4 and 16 phantom cases each, cached under .bench/stats): the
+marginal cost of ``xrai stats --recompute`` per case against reading the same chunks in
+one process (per pair of runs, median over pairs), the fixed cost of a call, and what
+adding one case to a dataset costs through ``xrai stats``.
+
+    .venv/bin/python -m benchmarks.bench_stats --cli-only   # that part only
+
+Then, on a cached store of 16 phantom cases of 4x240x240x155, on one Dask LocalCluster
+(2 worker processes, 1 thread each, the engine's own `local_cluster`), after a warm-up
+run:
 
 - floor: reading every chunk of the cases (image, label, brain) and discarding it;
 - ours: `run_stats(recompute=True)`: per case x channel x region (6 regions) exact
@@ -16,15 +24,19 @@ own `local_cluster`), after a warm-up run, it prints:
 - dask: dask.array.stats.skew + kurtosis per channel on the same Zarr arrays;
 - ratios of each to the floor;
 - peak memory (max RSS of a process running the engine synchronously) on 8 and 16 cases;
-- the incremental path: adding one case to the 16-case dataset, as a ratio to a full run;
+- the incremental path on the cluster: adding one case to the 16-case dataset, as a ratio
+  to a full run;
 - the per-case kernel (issue 14): in this process, per case, the floor (`read_case`: read
   and decompress every chunk), `case_partials` with the fused compiled kernel
   (`XRAI_STATS_KERNEL=numba`) and with the numpy fallback (`XRAI_STATS_KERNEL=numpy`),
-  interleaved, best of ``--repeats``, as ratios to the floor measured in the same run;
-  and what numba's first call costs in a fresh process: compiling (empty cache) and
-  loading the cached machine code (what each Dask worker pays once).
+  interleaved, best of ``--repeats``, as ratios to the floor measured in the same run.
 
-    .venv/bin/python -m benchmarks.bench_stats --kernel-only   # the per-case table only
+Before all of it: what the engine's first call costs in a fresh process (numba's set-up
+and the kernel: compiling with an empty cache, loading the cached machine code, what each
+run and each Dask worker pays once; the in-process run overlaps it with reading the first
+case).
+
+    .venv/bin/python -m benchmarks.bench_stats --kernel-only   # CLI and per-case tables
 """
 
 from __future__ import annotations
@@ -42,6 +54,7 @@ from pathlib import Path
 import numpy as np
 
 GRID_SHAPE = (240, 240, 155)
+SMALL_SHAPE = (160, 160, 100)
 
 
 def _prepare(work: Path, n: int) -> tuple[str, list]:
@@ -138,15 +151,11 @@ def _kernel_table(url: str, dataset: str, repeats: int) -> dict[str, float]:
 
 
 def _first_call_cost() -> tuple[float, float]:
-    """Seconds of numba's first call in a fresh process: with an empty cache (compile)
+    """Seconds of the engine's first call in a fresh process (`stats.dataset.prepare`:
+    numba's set-up and the kernel, scipy.ndimage): with an empty numba cache (compile)
     and with the cache the first process wrote (load)."""
-    code = (
-        "import time, numpy as np\nfrom stats import fused\n"
-        "from stats.transforms import arcsin_sqrt, ln\n"
-        "v = np.ones(64, np.float32); c = np.ones(64, np.uint8)\nt = time.perf_counter()\n"
-        "fused.region_partials(v, c, 5, {'ln': ln(1.0), 'a': arcsin_sqrt(2.0)},"
-        " edges=np.linspace(0.0, 2.0, 9), clamp=(0.0, 2.0))\n"
-        "print(time.perf_counter() - t)\n")
+    code = ("import time\nt = time.perf_counter()\nfrom stats.dataset import prepare\n"
+            "prepare()\nprint(time.perf_counter() - t)\n")
     with tempfile.TemporaryDirectory() as cache:
         env = {**os.environ, "NUMBA_CACHE_DIR": cache}
         out = [float(subprocess.run([sys.executable, "-c", code], capture_output=True,
@@ -155,59 +164,131 @@ def _first_call_cost() -> tuple[float, float]:
     return out[0], out[1]
 
 
-def _cli_path(url: str, cases: list, pairs: int) -> dict[str, float]:
-    """``xrai stats --recompute`` as a user runs it, on 4 and on 16 cases (issue 14).
+def _cli_peak_mib(xrai: str, url: str, dataset: str) -> float:
+    """Max RSS (MiB) of ``xrai stats --recompute`` and its children, in a fresh waiter
+    process (RUSAGE_CHILDREN of this process would carry earlier runs' peaks)."""
+    code = ("import resource, subprocess, sys\n"
+            "subprocess.run(sys.argv[1:], check=True, stdout=subprocess.DEVNULL,"
+            " stderr=subprocess.DEVNULL)\n"
+            "print(resource.getrusage(resource.RUSAGE_CHILDREN).ru_maxrss)\n")
+    with tempfile.TemporaryDirectory() as tmp:
+        out = subprocess.run([sys.executable, "-c", code, xrai, "stats", "--store", url,
+                              "--dataset", dataset, "--recompute", "--out",
+                              str(Path(tmp) / "s.json")],
+                             capture_output=True, text=True, check=True)
+    return int(out.stdout.split()[-1]) / 1024.0
 
-    The fixed cost is the 4-case run less reading those 4 cases; the marginal cost is the
-    difference of the two runs (median over ``pairs`` interleaved pairs), set against
-    reading the 12 extra cases' chunks in one process, measured in the same run.
+
+def _cli_store(work: Path, shape: tuple[int, int, int], n: int) -> tuple[str, list]:
+    """A store with datasets of 4 and of ``n`` cases of 4 x ``shape`` (cached), and the
+    source cases (one more than ``n``, for the incremental run)."""
+    from pipeline.fsio import write_text_atomic
+    from pipeline.ingest import ingest_cases
+    from pipeline.sources.local import discover
+    from pipeline.sources.phantom import write_phantom
+    from pipeline.store import Grid
+
+    tag = "x".join(map(str, shape))
+    src, url = work / f"cli-{tag}-source", str(work / f"cli-{tag}.zarr")
+    marker = work / f".complete-cli-{tag}-{n}"
+    if not marker.exists():
+        print(f"generating {n + 1} phantom cases of {tag} and ingesting them (cached) ...",
+              flush=True)
+        write_phantom(src, cases=n + 1, seed=7, shape=shape)
+        cases = discover(src, layout="brats")
+        grid = Grid(shape=shape)
+        ingest_cases(cases[:n], url, "many", grid=grid, workers=2)
+        ingest_cases(cases[:4], url, "four", grid=grid, workers=2)
+        write_text_atomic(marker, "ok")
+    return url, discover(src, layout="brats")
+
+
+def _cli_path(work: Path, shape: tuple[int, int, int], n: int, pairs: int,
+              first_call: float) -> dict[str, float]:
+    """``xrai stats`` as a user runs it, on 4 and on ``n`` cases of 4 x ``shape`` (issue 14).
+
+    Each pair runs ``xrai stats --recompute`` on the 4-case and on the ``n``-case dataset,
+    then reads the ``n - 4`` extra cases' chunks in this process (the floor); the pair's
+    ratio is (large - small) / read. The median ratio over ``pairs`` pairs is reported: the
+    three measurements of a pair are taken within seconds, so the machine's drifting load
+    weighs on them alike. The fixed cost is the 4-case run less reading its 4 cases.
+    Then the incremental path as users meet it: ``xrai stats`` (no ``--recompute``) with
+    nothing new, and after ingesting one more case; the difference is what adding a case
+    costs, set against one case's share of the marginal cost.
     """
-    from pipeline.errors import StoreError
+    from pipeline.ingest import ingest_cases
     from pipeline.store import DatasetStore, Grid
 
-    try:
-        DatasetStore.open(url, "bench4")
-    except StoreError:  # not made yet in this cached store
-        from pipeline.ingest import ingest_cases
-
-        ingest_cases(cases[:4], url, "bench4", grid=Grid(shape=GRID_SHAPE))
+    url, cases = _cli_store(work, shape, n)
     xrai = str(Path(sys.executable).with_name("xrai"))
 
-    def cli(dataset: str) -> float:
+    def cli(dataset: str, *extra: str) -> float:
         with tempfile.TemporaryDirectory() as tmp:
             t0 = time.perf_counter()
-            subprocess.run([xrai, "stats", "--store", url, "--dataset", dataset, "--recompute",
+            subprocess.run([xrai, "stats", "--store", url, "--dataset", dataset, *extra,
                             "--out", str(Path(tmp) / "s.json")], check=True,
                            stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
             return time.perf_counter() - t0
 
-    small, large = [], []
+    store = DatasetStore.open(url, "many")
+    four = set(DatasetStore.open(url, "four").committed())
+    records = store.committed()
+    extra = [c for c in records if c not in four]
+
+    def read(ids: list[str]) -> float:
+        t0 = time.perf_counter()
+        for cid in ids:
+            store.read_case(cid, record=records[cid])
+        return time.perf_counter() - t0
+
+    cli("four", "--recompute")  # warm-up: page cache, numba's cache, imports
+    small, large, floor, ratios = [], [], [], []
     for _ in range(pairs):
-        small.append(cli("bench4"))
-        large.append(cli("bench16"))
-    store = DatasetStore.open(url, "bench16")
-    four = set(DatasetStore.open(url, "bench4").committed())
-    extra = [c for c in store.committed() if c not in four]
-    t0 = time.perf_counter()
-    for cid in extra:
-        store.read_case(cid)
-    read_extra = time.perf_counter() - t0
-    t0 = time.perf_counter()
-    for cid in four:
-        store.read_case(cid)
-    read_four = time.perf_counter() - t0
+        small.append(cli("four", "--recompute"))
+        large.append(cli("many", "--recompute"))
+        floor.append(read(extra))
+        ratios.append((large[-1] - small[-1]) / floor[-1])
+    read_four = read(sorted(four))
     marginal = statistics.median(b - a for a, b in zip(small, large, strict=True))
-    mvox = len(extra) * 4 * float(np.prod(GRID_SHAPE)) / 1e6
-    out = {"cli_4": statistics.median(small), "cli_16": statistics.median(large),
-           "marginal_12": marginal, "read_12": read_extra,
-           "fixed": statistics.median(small) - read_four}
-    print(f"CLI path (xrai stats --recompute, default scheduler), median of {pairs} pairs: "
-          f"4 cases {out['cli_4']:.2f} s, 16 cases {out['cli_16']:.2f} s")
+    ratio = statistics.median(ratios)
+    mvox = len(extra) * 4 * float(np.prod(shape)) / 1e6
+    tag = "x".join(map(str, shape))
+    print(f"CLI path, cases of 4x{tag} (xrai stats --recompute, default scheduler), "
+          f"{pairs} pairs: 4 cases {statistics.median(small):.2f} s, {n} cases "
+          f"{statistics.median(large):.2f} s (medians)")
     print(f"  the {len(extra)} extra cases ({mvox:.0f} Mvox): {marginal:.2f} s against "
-          f"{read_extra:.2f} s to read them in one process = {marginal / read_extra:.2f}x the "
-          f"floor, {mvox / marginal:.0f} Mvox/s")
-    print(f"  fixed cost (4-case run less reading its 4 cases): {out['fixed']:.2f} s")
-    return out
+          f"{statistics.median(floor):.2f} s to read them in one process; per pair "
+          f"{', '.join(f'{r:.2f}' for r in ratios)}x the floor: median {ratio:.2f}x "
+          f"({'meets' if ratio <= 1.25 else 'misses'} the <= 1.25x aim), "
+          f"{mvox / marginal:.0f} Mvox/s")
+    fixed = statistics.median(small) - read_four
+    print(f"  fixed cost (4-case run less reading its 4 cases): {fixed:.2f} s")
+
+    peak = {d: _cli_peak_mib(xrai, url, d) for d in ("four", "many")}
+    print(f"  peak memory of xrai stats (max RSS of the command and its children): 4 cases "
+          f"{peak['four']:.0f} MiB, {n} cases {peak['many']:.0f} MiB "
+          f"(ratio {peak['many'] / peak['four']:.2f})")
+
+    # incremental: nothing new, then one more case (the cached partials of the others)
+    cli("many")  # brings the stored partials up to date after the --recompute runs
+    noop = statistics.median(cli("many") for _ in range(3))
+    ingest_cases([cases[n]], url, "many", grid=Grid(shape=shape))
+    try:
+        plus_one = cli("many")
+    finally:
+        DatasetStore.open(url, "many", writable=True).uncommit(cases[n].case_id)
+    per_case = marginal / len(extra)
+    added = plus_one - noop
+    net = added - first_call
+    print(f"  incremental: xrai stats with nothing new {noop:.2f} s, after adding one case "
+          f"{plus_one:.2f} s: the case costs {added:.2f} s = {added / per_case:.2f}x one "
+          f"case's share of the marginal cost ({per_case:.3f} s); less the engine's first "
+          f"call in a process ({first_call:.2f} s, which the run with nothing new does not "
+          f"make) {net:.2f} s = {net / per_case:.2f}x (aim <= 1.5x)")
+    return {f"cli {tag} ratio": ratio, f"cli {tag} Mvox/s": mvox / marginal,
+            f"cli {tag} fixed s": fixed, f"cli {tag} added case x": added / per_case,
+            f"cli {tag} added case net x": net / per_case,
+            f"cli {tag} peak MiB ratio": peak["many"] / peak["four"]}
 
 
 def main() -> None:
@@ -220,16 +301,20 @@ def main() -> None:
     parser.add_argument("--repeats", type=int, default=5, help="repeats per case (kernel table)")
     parser.add_argument("--cli-only", action="store_true",
                         help="only the CLI path (xrai stats on 4 and 16 cases)")
-    parser.add_argument("--pairs", type=int, default=3, help="pairs of CLI runs")
+    parser.add_argument("--pairs", type=int, default=5, help="pairs of CLI runs per case size")
     args = parser.parse_args()
     args.workdir.mkdir(parents=True, exist_ok=True)
-    url, cases = _prepare(args.workdir, args.cases)
-    _cli_path(url, cases, args.pairs)
-    if args.cli_only:
-        return
     compile_s, load_s = _first_call_cost()
-    print(f"numba first call in a fresh process: compile {compile_s:.2f} s (empty cache), "
-          f"load {load_s:.2f} s (cached, once per worker process)")
+    print(f"the engine's first call in a fresh process (numba's set-up, the kernel, "
+          f"scipy.ndimage): {compile_s:.2f} s with an empty numba cache (compile), "
+          f"{load_s:.2f} s cached (once per process: each run, each Dask worker)")
+    cli = {}
+    for shape in (SMALL_SHAPE, GRID_SHAPE):
+        cli.update(_cli_path(args.workdir, shape, args.cases, args.pairs, load_s))
+    if args.cli_only:
+        print(json.dumps({k: round(v, 3) for k, v in cli.items()}))
+        return
+    url, cases = _prepare(args.workdir, args.cases)
     kernel = _kernel_table(url, "bench16", args.repeats)
     if args.kernel_only:
         print(json.dumps({k: round(v, 3) for k, v in kernel.items()}))
@@ -320,7 +405,7 @@ def main() -> None:
     rss16 = _peak_rss_mb(url, "bench16")
     print(f"peak memory of the engine (synchronous, one process): 8 cases {rss8:.0f} MiB, "
           f"16 cases {rss16:.0f} MiB (ratio {rss16 / rss8:.2f})")
-    print(json.dumps({k: round(v, 3) for k, v in {**results, **kernel}.items()}))
+    print(json.dumps({k: round(v, 3) for k, v in {**cli, **results, **kernel}.items()}))
 
 
 if __name__ == "__main__":
