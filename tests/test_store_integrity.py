@@ -230,6 +230,46 @@ class TestDamage:
         arr[slot] = values
         assert "does not match the checksum" in verify_dataset(store).damaged[cid]
 
+    def test_checksums_are_xxh3_128_of_the_stored_bytes(self, ingested, clean):
+        """Each record holds ``xxh3-128:<hex>`` of its arrays' bytes as read back; the hash
+        itself is checked against XXH3-128's published value for empty input."""
+        from pipeline.store import checksum
+
+        assert checksum(np.zeros(0, np.uint8)) == "xxh3-128:99aa06d3014798d86001c324468d497f"
+        url, store = ingested
+        cid = sorted(clean)[0]
+        rec = store.committed()[cid]
+        arrays = store.read_case(cid, record=rec)
+        sums = rec.attrs["checksums"]
+        assert sums["brain"] == checksum(arrays["brain"])
+        assert sums[f"image/{store.channels[1]}"] == checksum(arrays["image"][1])
+
+    def test_records_written_with_sha256_still_verify(self, ingested, clean):
+        """Stores ingested before the checksum became XXH3 hold bare SHA-256 digests: they
+        verify, a changed byte still fails, and an unknown algorithm is named."""
+        import hashlib
+
+        url, store = ingested
+        cid = sorted(clean)[0]
+        writable = DatasetStore.open(url, "d", writable=True)
+        rec = writable.committed()[cid]
+        arrays = writable.read_case(cid, record=rec)
+        parts = {"label": arrays["label"], "brain": arrays["brain"],
+                 "annotated": arrays["annotated"],
+                 **{f"image/{ch}": arrays["image"][i] for i, ch in enumerate(store.channels)}}
+        sha = {k: hashlib.sha256(np.ascontiguousarray(v).tobytes()).hexdigest()
+               for k, v in parts.items()}
+        writable.commit(cid, rec.slot, rec.content_hash, {**rec.attrs, "checksums": sha})
+        assert verify_dataset(store).ok
+        arr = writable._group["brain"]  # deliberate damage
+        values = arr[rec.slot]
+        values.flat[0] = ~values.flat[0]
+        arr[rec.slot] = values
+        assert "does not match the checksum" in verify_dataset(store).damaged[cid]
+        writable.commit(cid, rec.slot, rec.content_hash,
+                        {**rec.attrs, "checksums": {**sha, "brain": "md5:00"}})
+        assert "unknown checksum algorithm 'md5'" in verify_dataset(store).damaged[cid]
+
     def test_a_truncated_case_record_hides_the_case_until_a_rerun_repairs_it(self, ingested, source, clean):
         url, store = ingested
         cid = sorted(clean)[3]
