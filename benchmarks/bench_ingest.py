@@ -121,7 +121,7 @@ STAGES: tuple[tuple[str, str, str], ...] = (
     ("    measure volumes", "pipeline.standardize", "measure_volume"),
     ("    sampling tolerance", "pipeline.standardize", "sampling_tolerance_ml"),
     ("  write_case", "pipeline.store:DatasetStore", "write_case"),
-    ("    sha256 per array", "pipeline.store", "_sha256"),
+    ("    checksums", "pipeline.store", "checksum"),
     ("  commit", "pipeline.store:DatasetStore", "commit"),
 )
 

@@ -103,6 +103,39 @@ class TestPixels:
         # NIfTI-1: value = scl_slope * stored + scl_inter.
         np.testing.assert_array_equal(sitk.GetArrayFromImage(image), (data * 2.0 + 10.0).T)
 
+    @pytest.mark.parametrize("dtype", [np.int16, np.uint16, np.uint8, np.int8])
+    def test_unscaled_small_integers_resample_as_their_float32_values(
+        self, tmp_path: Path, dtype: type
+    ) -> None:
+        """Unscaled 8/16-bit volumes are decoded at their stored type (no float32 copy);
+        the ingest's linear resample onto an oblique, finer grid then gives bit for bit
+        what it gives from the float32 volume (the reference: the same values cast)."""
+        from pipeline.standardize import _resample
+
+        info = np.iinfo(dtype)
+        rng = np.random.default_rng(4)
+        data = rng.integers(info.min, info.max, size=(17, 13, 11), endpoint=True).astype(dtype)
+        path = save(tmp_path / "i.nii.gz", data, AFFINES["oblique"])
+        image = read_image(VolumeRef("nifti", (path,)))
+        assert image.GetPixelID() != sitk.sitkFloat32  # decoded as stored
+        np.testing.assert_array_equal(sitk.GetArrayViewFromImage(image), data.T)
+        as_float = sitk.Cast(image, sitk.sitkFloat32)
+        # a finer grid, turned 17 degrees about S, centred on the volume
+        ref = sitk.Image([23, 19, 15], sitk.sitkUInt8)
+        ref.SetSpacing((0.7, 0.8, 0.9))
+        c, s_ = np.cos(0.3), np.sin(0.3)
+        direction = np.array([[c, -s_, 0.0], [s_, c, 0.0], [0.0, 0.0, 1.0]])
+        ref.SetDirection(tuple(direction.ravel()))
+        centre = np.asarray(image.TransformContinuousIndexToPhysicalPoint(
+            tuple((n - 1) / 2.0 for n in image.GetSize())))
+        half = (np.array([23, 19, 15]) - 1) / 2.0 * np.array([0.7, 0.8, 0.9])
+        ref.SetOrigin(tuple(centre - direction @ half + 0.013))
+        ours = sitk.GetArrayFromImage(_resample(image, ref, label=False))
+        reference = sitk.GetArrayFromImage(_resample(as_float, ref, label=False))
+        assert ours.dtype == np.float32
+        assert np.count_nonzero(ours) > ours.size // 4  # the grids overlap
+        np.testing.assert_array_equal(ours, reference)
+
     def test_trailing_singleton_dimension_is_squeezed(self, tmp_path: Path) -> None:
         data = np.arange(24, dtype=np.float32).reshape(2, 3, 4, 1)
         image = read_image(VolumeRef("nifti", (save(tmp_path / "s.nii.gz", data),)))
