@@ -288,8 +288,12 @@ class TrainSamples(IterableDataset):
     ``batches_per_epoch`` full batches. Items are dicts of tensors: ``image``
     ``(C, *spatial)``, ``target`` ``(C', *spatial)`` and, with ``distance_maps``,
     ``distance_map`` (Kervadec's signed map of the target, for the boundary loss).
-    Call ``set_epoch(e)`` before iterating (the loader must not use persistent workers,
-    so the epoch reaches the workers).
+    Call ``set_epoch(e)`` before iterating. The epoch lives in a shared-memory tensor
+    (handed to worker processes by handle when they start, also under ``forkserver`` and
+    ``spawn``), and each worker reads it when its iteration starts, so a loader with
+    ``persistent_workers=True`` sees every ``set_epoch`` and its workers keep their case
+    cache between epochs; a sample depends only on (seed, epoch, worker id, worker count),
+    never on whether the workers are new.
     """
 
     def __init__(self, store_url: str, dataset: str, case_ids: Sequence[str],
@@ -310,11 +314,15 @@ class TrainSamples(IterableDataset):
         self.case_ids = sorted(case_ids)
         self.plan, self.sampling, self.target = plan, sampling, target
         self.batch_size, self.batches_per_epoch = batch_size, batches_per_epoch
-        self.seed, self.distance_maps, self.epoch = int(seed), bool(distance_maps), 0
+        self.seed, self.distance_maps = int(seed), bool(distance_maps)
+        # The epoch, in shared memory: set_epoch in the main process reaches workers that
+        # were started before it (persistent workers); torch's multiprocessing pickler
+        # passes the storage to them by handle, not by value.
+        self._epoch = torch.zeros(1, dtype=torch.int64).share_memory_()
         # Normalized cases kept between epochs (in the process that iterates: the main
-        # one with workers=0, else each worker for its epoch), up to CASE_CACHE_BYTES:
-        # reading and normalizing every case again each epoch was a fifth of a small
-        # 2D run's time.
+        # one with workers=0, else each worker, for as long as the worker lives: a fold
+        # with persistent workers), up to CASE_CACHE_BYTES per process: reading and
+        # normalizing every case again each epoch was a fifth of a small 2D run's time.
         self._cache: dict[str, CaseArrays] = {}
         self._cached_bytes = 0
 
@@ -328,14 +336,19 @@ class TrainSamples(IterableDataset):
                 self._cached_bytes += size
         return case
 
+    @property
+    def epoch(self) -> int:
+        """The epoch the next iteration draws (shared with the worker processes)."""
+        return int(self._epoch.item())
+
     def set_epoch(self, epoch: int) -> None:
-        self.epoch = int(epoch)
+        self._epoch.fill_(int(epoch))
 
     def __len__(self) -> int:
         return self.batch_size * self.batches_per_epoch
 
-    def _share(self, worker: int, n_workers: int) -> tuple[list[str], int]:
-        order = np.random.default_rng([self.seed, self.epoch]).permutation(len(self.case_ids))
+    def _share(self, worker: int, n_workers: int, epoch: int) -> tuple[list[str], int]:
+        order = np.random.default_rng([self.seed, epoch]).permutation(len(self.case_ids))
         cases = [self.case_ids[i] for i in order[worker::n_workers]]
         n_batches = self.batches_per_epoch // n_workers + (worker < self.batches_per_epoch % n_workers)
         if not cases and n_batches:  # more workers than cases: reuse the case list
@@ -345,10 +358,11 @@ class TrainSamples(IterableDataset):
     def __iter__(self) -> Iterator[dict[str, torch.Tensor]]:
         info = get_worker_info()
         worker, n_workers = (0, 1) if info is None else (info.id, info.num_workers)
-        cases, n_samples = self._share(worker, n_workers)
+        epoch = self.epoch  # read once, when this worker's iteration starts
+        cases, n_samples = self._share(worker, n_workers, epoch)
         if n_samples == 0:
             return
-        rng = np.random.default_rng([self.seed, self.epoch, worker, 1])
+        rng = np.random.default_rng([self.seed, epoch, worker, 1])
         store = _open(self.store_url, self.dataset)
         per_case = math.ceil(n_samples / len(cases))
         buffer: list[dict[str, torch.Tensor]] = []

@@ -27,7 +27,7 @@ import json
 import math
 import random
 import time
-from collections.abc import Callable, Mapping, Sequence
+from collections.abc import Callable, Iterable, Iterator, Mapping, Sequence
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Any, Literal
@@ -308,8 +308,8 @@ def tumour_mask(logits: Tensor) -> np.ndarray:
     return (logits.argmax(dim=0) > 0).numpy()
 
 
-def evaluate(model: nn.Module, loss_fn: nn.Module, loader: DataLoader, cfg: TrainConfig,
-             device: torch.device, amp: AmpMode, spacing_zyx: Sequence[float],
+def evaluate(model: nn.Module, loss_fn: nn.Module, loader: Iterable[Mapping[str, Any]],
+             cfg: TrainConfig, device: torch.device, amp: AmpMode, spacing_zyx: Sequence[float],
              *, keep: int = 0, overlay_channel: int = 0) -> tuple[list[dict[str, Any]], float,
                                                                   dict[str, np.ndarray]]:
     """Validate on whole cases: per-case metrics, mean loss, and ``keep`` overlays.
@@ -382,12 +382,55 @@ class FoldResult:
                 "voxels_per_s": self.voxels_per_s, "term_names": list(self.term_names)}
 
 
-def _loader(ds: Any, *, batch_size: int | None, workers: int, device: torch.device) -> DataLoader:
-    # Workers start from a fork server, not a fork of this process: zarr's event-loop
-    # thread (and Prefect's, inside a flow) do not survive a plain fork.
-    return DataLoader(ds, batch_size=batch_size, num_workers=workers,
-                      pin_memory=device.type == "cuda", persistent_workers=False,
-                      multiprocessing_context="forkserver" if workers > 0 else None)
+class _Loader:
+    """A DataLoader built once per fold and iterated every epoch (or evaluation).
+
+    With ``workers`` > 0 its worker processes are persistent: started by the first
+    iteration, reused by every later one (a `TrainSamples` learns each new epoch through
+    its shared-memory ``set_epoch``; a worker keeps its cache of normalized cases), and
+    stopped by `close` (``train_fold`` closes its loaders when the fold ends or fails).
+    Starting two workers cost about 3 s per epoch on two CPU cores, and each new worker
+    read and normalized its cases again.
+
+    Workers start from a fork server, not a fork of this process: zarr's event-loop
+    thread (and Prefect's, inside a flow) do not survive a plain fork.
+    """
+
+    def __init__(self, ds: Any, *, batch_size: int | None, workers: int,
+                 device: torch.device) -> None:
+        self.workers, self.batch_size = workers, batch_size
+        self.loader = DataLoader(ds, batch_size=batch_size, num_workers=workers,
+                                 pin_memory=device.type == "cuda",
+                                 persistent_workers=workers > 0,
+                                 multiprocessing_context="forkserver" if workers > 0 else None)
+        self._iterated = False
+
+    @property
+    def dataset(self) -> Any:
+        return self.loader.dataset
+
+    def __iter__(self) -> Iterator[Any]:
+        if self._iterated and self.workers > 0:
+            # A new DataLoader iterator draws its workers' base seed from torch's global
+            # generator; the persistent one is made once and reused. Draw it anyway, so
+            # the main process's torch RNG stream (saved in checkpoints) stays the one
+            # of a loader made per epoch, and the same as with workers=0.
+            torch.empty((), dtype=torch.int64).random_(generator=self.loader.generator)
+        self._iterated = True
+        return iter(self.loader)
+
+    def close(self) -> None:
+        """Stop the worker processes (idempotent; a later iteration starts new ones)."""
+        # torch keeps a persistent loader's live iterator in ``_iterator`` and has no
+        # public close; `_shutdown_workers` is what the iterator's finalizer calls, and
+        # calling it here does not wait for the garbage collector (a traceback that
+        # holds the loader would keep the workers alive).
+        it = getattr(self.loader, "_iterator", None)
+        if it is not None:
+            shutdown = getattr(it, "_shutdown_workers", None)
+            if shutdown is not None:
+                shutdown()
+            self.loader._iterator = None
 
 
 def _mean(values: Sequence[Sequence[float]]) -> list[float]:
@@ -434,9 +477,25 @@ def train_fold(store_url: str, dataset: str, fold: Fold, loss_name: str,
                             target=cfg.target, batch_size=cfg.batch_size,
                             batches_per_epoch=cfg.batches_per_epoch, seed=run.seed,
                             distance_maps=info.distance_maps)
-    val_loader = _loader(ValidationCases(store_url, dataset, fold.val, plan, target=cfg.target),
-                         batch_size=None, workers=min(cfg.workers, len(fold.val)),
-                         device=run.device)
+    val_loader = run.loaders["val"] = _Loader(
+        ValidationCases(store_url, dataset, fold.val, plan, target=cfg.target),
+        batch_size=None, workers=min(cfg.workers, len(fold.val)), device=run.device)
+    try:
+        return _train_and_validate(run, info, train_ds, val_loader, fold, loss_name, cfg,
+                                   start, ckpt, fold_dir, spacing_zyx=spacing_zyx,
+                                   progress=progress, overlay_channel=overlay_channel)
+    finally:
+        run.close()  # the loaders' worker processes end with the fold, also when it fails
+
+
+# -- the sections of train_fold ------------------------------------------------------------
+
+
+def _train_and_validate(run: _Run, info: _LossInfo, train_ds: TrainSamples, val_loader: _Loader,
+                        fold: Fold, loss_name: str, cfg: TrainConfig, start: _Start, ckpt: Path,
+                        fold_dir: Path, *, spacing_zyx: Sequence[float],
+                        progress: Progress | None, overlay_channel: int) -> FoldResult:
+    """`train_fold`'s epochs from ``start``, the final validation and ``result.json``."""
     history = list(start.history)
     train_seconds, voxels = start.train_seconds, start.voxels
     cases: list[dict[str, Any]] = []
@@ -472,9 +531,6 @@ def train_fold(store_url: str, dataset: str, fold: Fold, loss_name: str,
                         info.term_names, overlays)
     _write_result(fold_dir, result)
     return result
-
-
-# -- the sections of train_fold ------------------------------------------------------------
 
 
 def _read_result(fold_dir: Path) -> FoldResult:
@@ -526,6 +582,26 @@ class _Run:
     optimizer: torch.optim.Optimizer
     scheduler: torch.optim.lr_scheduler.LRScheduler
     scaler: torch.amp.GradScaler
+    loaders: dict[str, _Loader] = field(default_factory=dict, compare=False, repr=False)
+
+    def train_loader(self, ds: TrainSamples, cfg: TrainConfig) -> _Loader:
+        """The loader of `ds`: made on first use, then reused (with its workers) every
+        epoch until `close`."""
+        current = self.loaders.get("train")
+        if current is not None and (current.dataset is not ds or current.workers != cfg.workers
+                                    or current.batch_size != cfg.batch_size):
+            current.close()
+            current = None
+        if current is None:
+            current = self.loaders["train"] = _Loader(ds, batch_size=cfg.batch_size,
+                                                      workers=cfg.workers, device=self.device)
+        return current
+
+    def close(self) -> None:
+        """Stop the worker processes of the run's loaders."""
+        for loader in self.loaders.values():
+            loader.close()
+        self.loaders.clear()
 
     def autocast(self) -> torch.autocast:
         """A fresh autocast context for this run's device and precision (off: float32)."""
@@ -710,7 +786,8 @@ def _train_epoch(run: _Run, info: _LossInfo, train_ds: TrainSamples, cfg: TrainC
     run : _Run
     info : _LossInfo
     train_ds : TrainSamples
-        The fold's training samples; set to `epoch` here.
+        The fold's training samples; set to `epoch` here and read through
+        ``run.train_loader(train_ds, cfg)`` (made at the first epoch, its workers reused).
     cfg : TrainConfig
     epoch : int
         0-based.
@@ -732,8 +809,7 @@ def _train_epoch(run: _Run, info: _LossInfo, train_ds: TrainSamples, cfg: TrainC
     """
     run.model.train()
     train_ds.set_epoch(epoch)
-    loader = _loader(train_ds, batch_size=cfg.batch_size, workers=cfg.workers,
-                     device=run.device)
+    loader = run.train_loader(train_ds, cfg)
     lr = run.optimizer.param_groups[0]["lr"]
     loss_fn, device = run.loss_fn, run.device
     values, comps, weights, alphas, betas = [], [], [], [], []
