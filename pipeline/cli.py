@@ -276,7 +276,10 @@ def print_stats_summary(stats) -> None:
 def run_stats_cli(store: str, dataset: str, *, out: Path | None, scheduler: str | None,
                   recompute: bool, storage_options: dict | None = None, wait: float = 0.0):
     """Compute statistics with a progress bar, write them, print the summary."""
+    from pipeline.malloc import tune_this_process
     from pipeline.stats_runner import run_stats, write_stats
+
+    tune_this_process()  # this process reads case after case (see pipeline.malloc)
 
     with _progress() as bar:
         task = bar.add_task("stats", total=None, last="")

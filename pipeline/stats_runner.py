@@ -339,21 +339,20 @@ def merge_stats(store: DatasetStore, plan: StatsPlan,
 def local_cluster(n_workers: int | None = None):
     """A local Dask cluster for the engine: worker processes with one thread each.
 
-    Dask's nanny sets ``MALLOC_TRIM_THRESHOLD_`` in its workers, which freezes glibc's
-    mmap threshold at 128 KiB: every block-sized temporary of the kernel is then mapped
-    and unmapped, page faults included, and the engine ran about 2x slower than in a
-    plain process (seen with ``make bench-stats``). Raising the mmap threshold back to
-    32 MiB keeps those temporaries on the heap.
+    The workers start with the allocator settings of `pipeline.malloc` (Dask's nanny
+    would otherwise freeze glibc's mmap threshold at 128 KiB, and a worker ran the same
+    job 1.3-1.5x slower than one process).
     """
     import os
 
     import dask
     from distributed import LocalCluster
 
+    from pipeline.malloc import environ
+
     workers = n_workers or min(2, os.cpu_count() or 1)
-    with dask.config.set({
-        "distributed.nanny.pre-spawn-environ.MALLOC_MMAP_THRESHOLD_": str(32 * 2**20),
-    }):
+    with dask.config.set({f"distributed.nanny.pre-spawn-environ.{key}": value
+                          for key, value in environ().items()}):
         return LocalCluster(n_workers=workers, threads_per_worker=1, processes=True,
                             dashboard_address=None, silence_logs=logging.ERROR)
 

@@ -236,7 +236,7 @@ class TestDamage:
         from pipeline.store import checksum
 
         assert checksum(np.zeros(0, np.uint8)) == "xxh3-128:99aa06d3014798d86001c324468d497f"
-        url, store = ingested
+        _, store = ingested
         cid = sorted(clean)[0]
         rec = store.committed()[cid]
         arrays = store.read_case(cid, record=rec)
