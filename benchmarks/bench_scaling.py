@@ -37,8 +37,8 @@ import time
 from pathlib import Path
 
 from benchmarks.bench_stats import _prepare
+from pipeline.malloc import environ as malloc_environ
 
-MMAP_THRESHOLD = 32 * 2**20
 CORPUS_CASES = 1531  # the seeds' corpus (UPENN-GBM, UCSF-PDGM, BraTS-Africa, LGG, ReMIND)
 _DASK = str(Path(sys.executable).with_name("dask"))
 
@@ -66,14 +66,13 @@ class Cluster:
                 if probe.connect_ex(("127.0.0.1", port)) == 0:
                     break
             time.sleep(0.05)
-        # As `pipeline.stats_runner.local_cluster` does: the nanny freezes glibc's mmap
-        # threshold at 128 KiB (MALLOC_TRIM_THRESHOLD_), which slows the kernel's
-        # block-sized temporaries; docs/scaling.md tells how to start workers this way.
-        env = {**os.environ,
-               "DASK_DISTRIBUTED__NANNY__PRE_SPAWN_ENVIRON__MALLOC_MMAP_THRESHOLD_":
-                   str(MMAP_THRESHOLD) if tuned else ""}
-        if not tuned:
-            env.pop("DASK_DISTRIBUTED__NANNY__PRE_SPAWN_ENVIRON__MALLOC_MMAP_THRESHOLD_")
+        # As `pipeline.stats_runner.local_cluster` does (`pipeline.malloc`): without it
+        # the nanny freezes glibc's mmap threshold at 128 KiB; docs/scaling.md tells how
+        # to start workers this way.
+        env = dict(os.environ)
+        if tuned:
+            env.update({f"DASK_DISTRIBUTED__NANNY__PRE_SPAWN_ENVIRON__{key}": value
+                        for key, value in malloc_environ().items()})
         self.procs += [subprocess.Popen([_DASK, "worker", self.address, "--nworkers", "1",
                                          "--nthreads", "1", "--no-dashboard"], env=env, **quiet)
                        for _ in range(workers)]
@@ -160,21 +159,25 @@ def case_bytes(url: str, dataset: str) -> float:
 
 
 def in_process(url: str, dataset: str, repeats: int) -> dict[str, float]:
-    """Median seconds per case of the read floor and of one statistics job."""
+    """Median seconds per case of the read floor and of one statistics job (wall), and
+    the job's CPU seconds (all the process's threads: zarr decodes a case's chunks on
+    several)."""
     from pipeline.stats_runner import plan_stats
     from pipeline.store import DatasetStore
 
     store = DatasetStore.open(url, dataset, writable=True)
     plan = plan_stats(store, recompute=True)
-    reads, cases = [], []
+    reads, cases, cpus = [], [], []
     for job in plan.jobs[:repeats]:
         t0 = time.perf_counter()
         store.read_case(job.case_id)
         reads.append(time.perf_counter() - t0)
-        t0 = time.perf_counter()
+        t0, c0 = time.perf_counter(), time.process_time()
         job.run()  # persisting included, as on a worker
         cases.append(time.perf_counter() - t0)
-    return {"read": statistics.median(reads), "case": statistics.median(cases)}
+        cpus.append(time.process_time() - c0)
+    return {"read": statistics.median(reads), "case": statistics.median(cases),
+            "cpu": statistics.median(cpus)}
 
 
 def cluster_run(url: str, dataset: str, workers: int, *, tuned: bool = True) -> dict[str, float]:
@@ -195,15 +198,18 @@ def cluster_run(url: str, dataset: str, workers: int, *, tuned: bool = True) -> 
     return {"start": cluster.start_s, "task": task, "wall": wall, "n": len(plan.jobs)}
 
 
-def model(n: int, workers: int, cores: int, case: float, task: float, start: float = 0.0) -> float:
-    return start + math.ceil(n / min(workers, cores)) * (case + task)
+def model(n: int, workers: int, cores: int, case: float, cpu: float, task: float,
+          start: float = 0.0) -> float:
+    """Each worker runs its cases one after another (``case + task`` each), and all of
+    them together use at most ``cores`` cores (``cpu`` per case); see docs/scaling.md."""
+    return start + max(math.ceil(n / workers) * (case + task), n * cpu / cores)
 
 
 def main() -> None:
     parser = argparse.ArgumentParser(description="scaling model of the statistics stage")
     parser.add_argument("--cases", type=int, default=16)
     parser.add_argument("--workdir", type=Path, default=Path(".bench/stats"))
-    parser.add_argument("--repeats", type=int, default=5)
+    parser.add_argument("--repeats", type=int, default=16, help="cases timed in process")
     parser.add_argument("--write-doc", type=Path, default=None,
                         help="write the scaling document (docs/scaling.md) from this run")
     args = parser.parse_args()
@@ -218,14 +224,14 @@ def main() -> None:
     one = in_process(url, dataset, args.repeats)
     one["bytes"] = case_bytes(url, dataset)
     print(f"in process, per case: read {one['read']:.3f} s, statistics {one['case']:.3f} s "
-          f"({one['case'] / one['read']:.2f}x the read)", flush=True)
+          f"({one['case'] / one['read']:.2f}x the read), {one['cpu']:.3f} s of CPU", flush=True)
     runs = {w: cluster_run(url, dataset, w) for w in (1, 2)}
     untuned = cluster_run(url, dataset, 2, tuned=False)
-    print(f"2 workers started without the mmap threshold: {untuned['wall']:.2f} s "
+    print(f"2 workers started without the allocator settings: {untuned['wall']:.2f} s "
           f"({untuned['wall'] / runs[2]['wall']:.2f}x the tuned run)", flush=True)
     rows = []
     for w, r in runs.items():
-        predicted = model(r["n"], w, cores, one["case"], r["task"])
+        predicted = model(r["n"], w, cores, one["case"], one["cpu"], r["task"])
         rows.append((w, r["start"], r["task"], r["wall"], predicted))
         print(f"{w} worker(s): start {r['start']:.1f} s, task overhead {r['task'] * 1e3:.2f} ms, "
               f"{r['n']} cases in {r['wall']:.2f} s, model {predicted:.2f} s "
