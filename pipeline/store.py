@@ -327,6 +327,11 @@ class DatasetStore:
         """Hide a case (before its slot is overwritten); works on a damaged record too."""
         self._drop_record("cases", store_key(case_id))
 
+    def drop_partials(self, case_id: str) -> None:
+        """Delete a case's persisted statistics partials (a no-op when there are none);
+        the next statistics run computes the case again."""
+        self._drop_record("stats", store_key(case_id))
+
     def _drop_record(self, kind: str, key: str) -> None:
         """Delete ``_xrai/<kind>/<key>`` whatever it holds (a no-op when it is absent).
 

@@ -165,3 +165,14 @@ class TestIssue12StoreOwnsItsLayout:
         store = DatasetStore.create(str(tmp_path / "s.zarr"), "ds", grid=GRID)
         with pytest.raises(ValueError, match=r"partials of case 'a' are empty"):
             store.write_partials("a", b"", content_hash="h", fingerprint="f")
+
+
+def test_drop_partials_makes_the_next_statistics_run_compute_the_case(tmp_path):
+    store = _committed_store(tmp_path)
+    store.write_partials("a", b"blob", content_hash="hash-a", fingerprint="f")
+    assert store.partials_current("a", "hash-a", "f")
+    store.drop_partials("a")
+    assert not store.partials_current("a", "hash-a", "f")
+    assert store.read_partials("a") is None
+    store.drop_partials("a")  # nothing left: a no-op
+    assert "a" in store.committed()
