@@ -168,6 +168,11 @@ def main() -> None:
     parser.add_argument("--stages", action="store_true",
                         help="also print where the ingest's time goes, stage by stage")
     args = parser.parse_args()
+    from pipeline.malloc import tune_this_process
+
+    # both the floor and the ingest run in this process: with the allocator settings
+    # `xrai ingest` uses
+    tune_this_process()
     src = args.workdir / "source"
     if not (src / ".complete").exists():
         print(f"writing {args.cases} phantom cases of 240x240x155 to {src} (cached) ...")
