@@ -351,10 +351,23 @@ def local_cluster(n_workers: int | None = None):
     from pipeline.malloc import environ
 
     workers = n_workers or min(2, os.cpu_count() or 1)
-    with dask.config.set({f"distributed.nanny.pre-spawn-environ.{key}": value
-                          for key, value in environ().items()}):
-        return LocalCluster(n_workers=workers, threads_per_worker=1, processes=True,
-                            dashboard_address=None, silence_logs=logging.ERROR)
+    env = environ()
+    # Dask lets this process's environment override its config for these variables, and
+    # a nanny started earlier in this process left its own values there (Dask's default
+    # trim threshold): set ours for the time the workers are spawned, then put back.
+    saved = {key: os.environ.get(key) for key in env}
+    os.environ.update(env)
+    try:
+        with dask.config.set({f"distributed.nanny.pre-spawn-environ.{key}": value
+                              for key, value in env.items()}):
+            return LocalCluster(n_workers=workers, threads_per_worker=1, processes=True,
+                                dashboard_address=None, silence_logs=logging.ERROR)
+    finally:
+        for key, value in saved.items():
+            if value is None:
+                os.environ.pop(key, None)
+            else:
+                os.environ[key] = value
 
 
 def _run_job(job: StatsJob) -> bytes:

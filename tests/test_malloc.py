@@ -53,12 +53,20 @@ def test_environ_names_both_thresholds():
 
 @glibc
 def test_local_cluster_workers_start_with_the_settings():
+    """Also after a plain Dask cluster in the same process (its nanny leaves Dask's own
+    trim threshold in this process's environment, which Dask then prefers to config)."""
+    import logging
     import os
 
-    from distributed import Client
+    from distributed import Client, LocalCluster
 
     from pipeline.stats_runner import local_cluster
 
+    with LocalCluster(n_workers=1, threads_per_worker=1, processes=True,
+                      dashboard_address=None, silence_logs=logging.ERROR):
+        pass
+    before = {k: os.environ.get(k) for k in environ()}
     with local_cluster(1) as cluster, Client(cluster) as client:
         seen = client.run(lambda: {k: os.environ.get(k) for k in environ()})
     assert list(seen.values()) == [environ()]
+    assert {k: os.environ.get(k) for k in environ()} == before  # this process's put back
