@@ -69,7 +69,8 @@ class Cluster:
         # As `pipeline.stats_runner.local_cluster` does (`pipeline.malloc`): without it
         # the nanny freezes glibc's mmap threshold at 128 KiB; docs/scaling.md tells how
         # to start workers this way.
-        env = dict(os.environ)
+        # (the nanny takes these variables from its own environment before its config)
+        env = {k: v for k, v in os.environ.items() if k not in malloc_environ()}
         if tuned:
             env.update({f"DASK_DISTRIBUTED__NANNY__PRE_SPAWN_ENVIRON__{key}": value
                         for key, value in malloc_environ().items()})
