@@ -57,28 +57,33 @@ GRID_SHAPE = (240, 240, 155)
 SMALL_SHAPE = (160, 160, 100)
 
 
-def _prepare(work: Path, n: int) -> tuple[str, list]:
+def _cached_store(src: Path, url: str, marker: Path, shape: tuple[int, int, int], n: int,
+                  seed: int, datasets: dict[str, int]) -> list:
+    """Phantom sources of ``n + 1`` cases of 4 x ``shape`` under ``src`` and, in the store
+    at ``url``, each dataset of ``datasets`` (name: its first cases), made once: ``marker``
+    is written last. Returns the source cases."""
     from pipeline.fsio import write_text_atomic
     from pipeline.ingest import ingest_cases
     from pipeline.sources.local import discover
     from pipeline.sources.phantom import write_phantom
     from pipeline.store import Grid
 
-    src = work / "source"
-    url = str(work / "bench.zarr")
-    marker = work / f".complete-{n}"
-    cases = None
     if not marker.exists():
-        print(f"generating {n + 1} phantom cases of 240x240x155 and ingesting them (cached) ...",
+        tag = "x".join(map(str, shape))
+        print(f"generating {n + 1} phantom cases of {tag} and ingesting them (cached) ...",
               flush=True)
-        write_phantom(src, cases=n + 1, seed=5, shape=GRID_SHAPE)
+        write_phantom(src, cases=n + 1, seed=seed, shape=shape)
         cases = discover(src, layout="brats")
-        grid = Grid(shape=GRID_SHAPE)
-        ingest_cases(cases[:n], url, "bench16", grid=grid, workers=2)
-        ingest_cases(cases[: n // 2], url, "bench8", grid=grid, workers=2)
+        for name, count in datasets.items():
+            ingest_cases(cases[:count], url, name, grid=Grid(shape=shape), workers=2)
         write_text_atomic(marker, "ok")
-    if cases is None:
-        cases = discover(src, layout="brats")
+    return discover(src, layout="brats")
+
+
+def _prepare(work: Path, n: int) -> tuple[str, list]:
+    url = str(work / "bench.zarr")
+    cases = _cached_store(work / "source", url, work / f".complete-{n}", GRID_SHAPE, n, 5,
+                          {"bench16": n, "bench8": n // 2})
     return url, cases
 
 
@@ -182,25 +187,12 @@ def _cli_peak_mib(xrai: str, url: str, dataset: str) -> float:
 def _cli_store(work: Path, shape: tuple[int, int, int], n: int) -> tuple[str, list]:
     """A store with datasets of 4 and of ``n`` cases of 4 x ``shape`` (cached), and the
     source cases (one more than ``n``, for the incremental run)."""
-    from pipeline.fsio import write_text_atomic
-    from pipeline.ingest import ingest_cases
-    from pipeline.sources.local import discover
-    from pipeline.sources.phantom import write_phantom
-    from pipeline.store import Grid
-
     tag = "x".join(map(str, shape))
-    src, url = work / f"cli-{tag}-source", str(work / f"cli-{tag}.zarr")
-    marker = work / f".complete-cli-{tag}-{n}"
-    if not marker.exists():
-        print(f"generating {n + 1} phantom cases of {tag} and ingesting them (cached) ...",
-              flush=True)
-        write_phantom(src, cases=n + 1, seed=7, shape=shape)
-        cases = discover(src, layout="brats")
-        grid = Grid(shape=shape)
-        ingest_cases(cases[:n], url, "many", grid=grid, workers=2)
-        ingest_cases(cases[:4], url, "four", grid=grid, workers=2)
-        write_text_atomic(marker, "ok")
-    return url, discover(src, layout="brats")
+    url = str(work / f"cli-{tag}.zarr")
+    cases = _cached_store(work / f"cli-{tag}-source", url, work / f".complete-cli-{tag}-{n}",
+                          shape, n, 7, {"many": n, "four": 4})
+    return url, cases
+
 
 def _stage_profile(url: str, dataset: str, repeats: int = 3) -> dict[str, float]:
     """Where the time of ``xrai stats`` goes per case, stage by stage (issue 14).
