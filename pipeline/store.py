@@ -37,8 +37,8 @@ statistics: `write_partials`, `read_partials`, `partials_current`), so the layou
 can change here alone.
 
 Integrity: every chunk of a committed case is written, zeros included
-(``write_empty_chunks``), and the record holds the SHA-256 of each array as written
-(``checksums``). A missing chunk therefore never reads silently as zeros: `read_case`
+(``write_empty_chunks``), and the record holds the checksum of each array as written
+(``checksums``: XXH3-128, see `checksum`; older records hold SHA-256). A missing chunk therefore never reads silently as zeros: `read_case`
 refuses a case whose chunk is absent or cannot be decoded, naming the case and the chunk,
 and `verify_case` recomputes the checksums (``xrai verify``). A record that cannot be
 parsed hides its case (`damaged_records` lists it) until a re-ingest rewrites it.
@@ -465,7 +465,7 @@ class DatasetStore:
         record : CaseRecord, optional
             The case's record, when the caller holds it (saves listing the records).
         verify : bool
-            Also compare each array with the SHA-256 recorded at commit.
+            Also compare each array with the checksum recorded at commit.
 
         Raises
         ------

@@ -1,6 +1,6 @@
 """``xrai verify``: check every committed case of a dataset against its commit record.
 
-A case is *intact* when each of its chunks is present, decodes, and hashes to the SHA-256
+A case is *intact* when each of its chunks is present, decodes, and matches the checksum
 recorded when it was committed (`pipeline.store.DatasetStore.write_case`). Anything else
 is named with the case and the chunk. Verification only reads; re-ingesting repairs
 (a plain ``xrai ingest`` re-ingests cases whose chunks are missing, ``--recompute``
