@@ -312,7 +312,7 @@ def stats_command(
     scheduler: Annotated[str | None, typer.Option(
         help="Dask scheduler address (tcp://…); 'local' starts a local cluster; "
              "'synchronous' runs in this process; default: in this process for a small "
-             "job, a local cluster beyond about 1 Gvox.")] = None,
+             "job or on up to 2 cores, a local cluster beyond about 1 Gvox.")] = None,
     recompute: Annotated[bool, typer.Option(help="Ignore persisted per-case statistics.")] = False,
     storage_option: StorageOptionArg = None,
     wait: Annotated[float, typer.Option(

@@ -376,26 +376,44 @@ def _run_job(job: StatsJob) -> bytes:
 
 
 #: Image voxels (cases x channels x grid) up to which ``scheduler=None`` computes in this
-#: process. The in-process engine reads and reduces about 200 Mvox/s here (``make
-#: bench-stats``: a 4 x 240 x 240 x 155 case in ~0.17 s), and a local two-worker cluster
-#: costs ~4-6 s to start and warm up: below ~1 Gvox (about 30 BraTS cases) the cluster
-#: cannot earn back its start-up on a small machine.
+#: process whatever the machine: a local cluster costs about 1.2 s to start and each of
+#: its workers ~0.3 s to load the kernel (``make bench-scaling``), which a job below
+#: ~1 Gvox (about 30 BraTS cases) does not earn back.
 IN_PROCESS_MAX_VOXELS = 2**30
+#: Cores the in-process engine keeps busy (reading, reducing and writing overlap; see
+#: `run_jobs`). On a machine with no more than these, a local cluster adds nothing but
+#: its start-up: on 2 cores its two workers reduced 16 cases of 4 x 240x240x155 in
+#: 105 ms a case, the in-process engine in 107 ms (``make bench-stats``).
+IN_PROCESS_CORES = 2
 
 
-def choose_scheduler(scheduler: str | None, n_jobs: int, voxels_per_job: int) -> str | None:
+def available_cores() -> int:
+    """CPU cores this process may run on (its affinity where the platform tells it)."""
+    import os
+
+    try:
+        return len(os.sched_getaffinity(0))
+    except AttributeError:  # not on every platform
+        return os.cpu_count() or 1
+
+
+def choose_scheduler(scheduler: str | None, n_jobs: int, voxels_per_job: int,
+                     cores: int | None = None) -> str | None:
     """The scheduler `run_jobs` uses: ``scheduler`` itself unless it is None (automatic).
 
-    Automatic: ``"synchronous"`` when ``n_jobs * voxels_per_job`` is at most
-    `IN_PROCESS_MAX_VOXELS`, else ``None`` (a local cluster). ``"local"`` means the
-    local cluster whatever the size.
+    Automatic: ``"synchronous"`` (this process) when ``n_jobs * voxels_per_job`` is at
+    most `IN_PROCESS_MAX_VOXELS` or the machine has no more than `IN_PROCESS_CORES`
+    cores (``cores``, default `available_cores`), else ``None`` (a local cluster).
+    ``"local"`` means the local cluster whatever the size.
 
     Examples
     --------
-    >>> choose_scheduler(None, 4, 4 * 240 * 240 * 155)
+    >>> choose_scheduler(None, 4, 4 * 240 * 240 * 155, cores=16)
     'synchronous'
-    >>> choose_scheduler(None, 1500, 4 * 240 * 240 * 155) is None
+    >>> choose_scheduler(None, 1500, 4 * 240 * 240 * 155, cores=16) is None
     True
+    >>> choose_scheduler(None, 1500, 4 * 240 * 240 * 155, cores=2)
+    'synchronous'
     >>> choose_scheduler("tcp://10.0.0.1:8786", 1, 1)
     'tcp://10.0.0.1:8786'
     """
@@ -403,7 +421,9 @@ def choose_scheduler(scheduler: str | None, n_jobs: int, voxels_per_job: int) ->
         return None
     if scheduler is not None:
         return scheduler
-    return "synchronous" if n_jobs * voxels_per_job <= IN_PROCESS_MAX_VOXELS else None
+    if n_jobs * voxels_per_job <= IN_PROCESS_MAX_VOXELS:
+        return "synchronous"
+    return "synchronous" if (cores or available_cores()) <= IN_PROCESS_CORES else None
 
 
 def run_jobs(jobs: Sequence[StatsJob], scheduler: str | None = "synchronous",

@@ -313,9 +313,12 @@ def test_the_default_scheduler_follows_the_size_of_the_job(store_with_cases, mon
     run_stats(url, "ds", recompute=True)
     run_stats(url, "ds", scheduler="local", recompute=True)
     monkeypatch.setattr(sr, "IN_PROCESS_MAX_VOXELS", 1)
+    monkeypatch.setattr(sr, "available_cores", lambda: 2)
+    run_stats(url, "ds", recompute=True)  # large, but 2 cores: a cluster would not help
+    monkeypatch.setattr(sr, "available_cores", lambda: 8)
     run_stats(url, "ds", recompute=True)
     run_stats(url, "ds", scheduler="tcp://127.0.0.1:1", recompute=True)
-    assert seen == ["synchronous", None, None, "tcp://127.0.0.1:1"]
+    assert seen == ["synchronous", None, "synchronous", None, "tcp://127.0.0.1:1"]
 
 
 def test_in_process_jobs_read_the_next_case_while_computing(store_with_cases, monkeypatch):
