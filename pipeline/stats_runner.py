@@ -96,16 +96,26 @@ def engine_config(store: DatasetStore, *, bins: int = DEFAULT_BINS,
                         bins=bins, scale=scale)
 
 
-def load_persisted(store: DatasetStore, case_id: str) -> CasePartials | None:
-    """The persisted partials of a case, or None (none, or unreadable: logged)."""
+def load_persisted(store: DatasetStore, case_id: str, content_hash: str | None = None,
+                   fingerprint: str | None = None) -> CasePartials | None:
+    """The persisted partials of a case, or None (none, unreadable, or computed from
+    other content or with another engine than ``content_hash`` and ``fingerprint``,
+    when given: logged)."""
     blob = store.read_partials(case_id)
     if blob is None:
         return None
     try:
-        return decode_partials(blob)
+        partials = decode_partials(blob)
     except (ValueError, KeyError, TypeError, zlib.error) as err:
         log.warning("ignoring unreadable persisted statistics of %s: %s", case_id, err)
         return None
+    expected = (case_id, content_hash or partials.content_hash, fingerprint or partials.config)
+    if (partials.case_id, partials.content_hash, partials.config) != expected:
+        log.warning("ignoring persisted statistics of %s: they were computed for case %r, "
+                    "content %s, engine %s", case_id, partials.case_id,
+                    partials.content_hash[:12], partials.config[:12])
+        return None
+    return partials
 
 
 def encode_partials(partials: CasePartials) -> bytes:
@@ -261,7 +271,7 @@ def plan_stats(store: DatasetStore, *, recompute: bool = False,
     jobs: list[StatsJob] = []
     for cid, rec in records.items():
         current = not recompute and store.partials_current(cid, rec.content_hash, fingerprint)
-        cached = load_persisted(store, cid) if current else None
+        cached = load_persisted(store, cid, rec.content_hash, fingerprint) if current else None
         if cached is not None:
             reused[cid] = cached
         else:

@@ -592,9 +592,12 @@ class DatasetStore:
                        fingerprint: str) -> None:
         """Persist a case's statistics partials (`pipeline.stats_runner` serialises them).
 
-        The blob is one array chunk (written atomically); the attributes naming the
-        case's content hash and the engine fingerprint are written after it, so a blob
-        interrupted half-way is never `partials_current`.
+        The blob is one array chunk (written atomically), its attributes naming the
+        case's content hash and the engine fingerprint written with the array's metadata
+        (one write). A write stopped between the two leaves metadata without a chunk,
+        whose blob then does not decode; readers also check that the decoded partials
+        name the same case, content hash and fingerprint
+        (`pipeline.stats_runner.load_persisted`).
 
         Parameters
         ----------
@@ -609,9 +612,10 @@ class DatasetStore:
         data = np.frombuffer(blob, dtype=np.uint8)
         group = self._group.require_group(_STATS)
         arr = group.create_array(store_key(case_id), shape=data.shape, dtype="uint8",
-                                 chunks=data.shape, overwrite=True, compressors=None)
+                                 chunks=data.shape, overwrite=True, compressors=None,
+                                 attributes={"content_hash": content_hash,
+                                             "config": fingerprint})
         arr[:] = data
-        arr.attrs.update({"content_hash": content_hash, "config": fingerprint})
 
     def read_partials(self, case_id: str) -> bytes | None:
         """The blob persisted by `write_partials` for a case, or None when there is none

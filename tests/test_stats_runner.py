@@ -371,3 +371,27 @@ def test_in_process_jobs_read_the_next_case_while_computing(store_with_cases, mo
     for kind, _, _ in events:
         ahead += 1 if kind == "read" else -1
         assert ahead <= 2
+
+
+def test_persisted_partials_of_another_case_or_content_are_computed_again(store_with_cases):
+    """A blob whose attributes say current but whose partials name another case (or
+    content) is not reused: what a write stopped between metadata and chunk, or a
+    misplaced blob, would leave."""
+    from pipeline import stats_runner as sr
+    from pipeline.store import DatasetStore
+
+    url, _, _ = store_with_cases
+    run_stats(url, "ds", scheduler="synchronous")
+    store = DatasetStore.open(url, "ds", writable=True)
+    plan = sr.plan_stats(store)
+    assert plan.jobs == ()
+    assert list(plan.reused) == ["c0", "c1", "c2"]
+    # c0's blob under c1's name, with c1's content hash and the engine's fingerprint
+    store.write_partials("c1", store.read_partials("c0"), content_hash="hash-c1",
+                         fingerprint=plan.config.fingerprint())
+    assert store.partials_current("c1", "hash-c1", plan.config.fingerprint())
+    again = sr.plan_stats(store)
+    assert [job.case_id for job in again.jobs] == ["c1"]
+    fresh = run_stats(url, "ds", scheduler="synchronous", recompute=True)
+    reused = run_stats(url, "ds", scheduler="synchronous")
+    assert _json(reused.intensity) == _json(fresh.intensity)
