@@ -65,8 +65,8 @@ try:  # numba is a dependency; without it (or on a platform it lacks) numpy does
 except ImportError:  # pragma: no cover - exercised where numba is missing
     numba = None
 
-__all__ = ["BLOCK", "ENV_VAR", "SUPPORTED", "available", "region_partials", "selected",
-           "supports", "warm_up"]
+__all__ = ["BLOCK", "ENV_VAR", "SUPPORTED", "available", "region_codes", "region_partials",
+           "selected", "slice_counts", "supports", "warm_up"]
 
 #: Environment variable that selects the per-volume kernel: ``numba`` (default when numba
 #: is importable) or ``numpy``.
@@ -610,3 +610,77 @@ def warm_up() -> None:
     codes = np.ones((2, 2, 2), np.uint8)
     region_partials(values, codes, 2, {"ln": ln(1.0), "arcsin_sqrt": arcsin_sqrt(2.0)},
                     edges=np.linspace(0.0, 2.0, 9), clamp=(0.0, 2.0))
+    slice_counts(region_codes(codes, values > 0, np.ones(2, np.bool_)))
+
+
+# ---------------------------------------------------------------- region codes, slices
+# The case's region codes and its per-slice counts are two more passes over the volume
+# (6.7 and 9.8 ms of a 4 x 240x240x155 case with numpy's temporaries: a keep mask, a
+# tumour mask, two counts per slice); written out, each is one pass with no temporary.
+
+
+@_njit()
+def _codes(label: Any, brain: Any, annotated: Any, out: Any) -> None:
+    nz, ny, nx = label.shape
+    for z in range(nz):
+        keep_slice = annotated[z]
+        for y in range(ny):
+            for x in range(nx):
+                out[z, y, x] = (label[z, y, x] + 1) if (keep_slice and brain[z, y, x]) else 0
+
+
+@_njit()
+def _slices(codes: Any, brain: Any, tumour: Any, box: Any) -> None:
+    nz, ny, nx = codes.shape
+    for z in range(nz):
+        nb = 0
+        nt = 0
+        for y in range(ny):
+            for x in range(nx):
+                c = codes[z, y, x]
+                if c > 0:
+                    nb += 1
+                    if c >= 2:
+                        nt += 1
+                        if z < box[0]:
+                            box[0] = z
+                        if z > box[1]:
+                            box[1] = z
+                        if y < box[2]:
+                            box[2] = y
+                        if y > box[3]:
+                            box[3] = y
+                        if x < box[4]:
+                            box[4] = x
+                        if x > box[5]:
+                            box[5] = x
+        brain[z] = nb
+        tumour[z] = nt
+
+
+def region_codes(label: np.ndarray, brain: np.ndarray, annotated: np.ndarray) -> np.ndarray:
+    """`stats.dataset.region_codes` in one compiled pass (same array: 0 outside the brain
+    or the annotated slices, else 1 + label, in uint8)."""
+    lab = np.ascontiguousarray(label, dtype=np.uint8)
+    out = np.empty(lab.shape, dtype=np.uint8)
+    _codes(lab, np.ascontiguousarray(brain, dtype=np.bool_),
+           np.ascontiguousarray(annotated, dtype=np.bool_), out)
+    return out
+
+
+def slice_counts(codes: np.ndarray) -> tuple[np.ndarray, np.ndarray,
+                                             tuple[slice, slice, slice] | None]:
+    """Per axial slice, the voxels with code >= 1 (annotated brain) and >= 2 (tumour), and
+    the bounding box (z, y, x) of the tumour voxels (None without any), in one pass."""
+    c = np.ascontiguousarray(codes, dtype=np.uint8)
+    nz = c.shape[0]
+    brain = np.zeros(nz, dtype=np.int64)
+    tumour = np.zeros(nz, dtype=np.int64)
+    big = np.iinfo(np.int64).max
+    box = np.array([big, -1, big, -1, big, -1], dtype=np.int64)
+    _slices(c, brain, tumour, box)
+    if box[1] < 0:
+        return brain, tumour, None
+    return brain, tumour, (slice(int(box[0]), int(box[1]) + 1),
+                           slice(int(box[2]), int(box[3]) + 1),
+                           slice(int(box[4]), int(box[5]) + 1))

@@ -449,3 +449,56 @@ print(before, len(fused._fused.signatures))
     out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True,
                          check=True, cwd=ROOT, env=env).stdout.split()
     assert out == ["1", "1"]
+
+
+@needs_numba
+@pytest.mark.parametrize("seed", range(6))
+def test_region_codes_and_slice_counts_equal_numpy(seed: int, monkeypatch: pytest.MonkeyPatch
+                                                    ) -> None:
+    """The compiled region codes and per-slice counts are the numpy forms' arrays, bit for
+    bit (random labels, brains and annotated slices; an empty tumour among them)."""
+    from stats.dataset import _bounding_box
+    from stats.dataset import region_codes as codes_of
+
+    rng = np.random.default_rng(seed)
+    shape = tuple(int(n) for n in rng.integers(3, 12, size=3))
+    label = rng.integers(0, 5, size=shape).astype(np.uint8)
+    if seed == 0:
+        label[:] = 0  # no tumour: no box
+    brain = rng.random(shape) < 0.7
+    annotated = rng.random(shape[0]) < 0.8
+    monkeypatch.setenv(fused.ENV_VAR, "numpy")
+    reference = codes_of(label, brain, annotated)
+    monkeypatch.setenv(fused.ENV_VAR, "numba")
+    codes = codes_of(label, brain, annotated)
+    assert codes.dtype == reference.dtype == np.uint8
+    np.testing.assert_array_equal(codes, reference)
+    per_brain, per_tumour, box = fused.slice_counts(codes)
+    tumour = reference >= 2
+    np.testing.assert_array_equal(per_brain, np.count_nonzero(reference.reshape(shape[0], -1),
+                                                              axis=1))
+    np.testing.assert_array_equal(per_tumour, np.count_nonzero(tumour.reshape(shape[0], -1),
+                                                               axis=1))
+    assert box == (_bounding_box(tumour, per_tumour) if tumour.any() else None)
+
+
+@needs_numba
+def test_label_statistics_equal_under_both_kernels(monkeypatch: pytest.MonkeyPatch) -> None:
+    """Components, fractions and class counts of a multifocal case: the same numbers from
+    the compiled passes and from numpy's."""
+    from stats.dataset import label_stats, region_codes
+
+    rng = np.random.default_rng(5)
+    label = np.zeros((20, 24, 22), np.uint8)
+    for _ in range(4):  # four blobs, some touching
+        z, y, x = (int(v) for v in rng.integers(2, 18, size=3))
+        label[z - 2:z + 2, y - 2:y + 3, x - 1:x + 2] = rng.integers(1, 4)
+    brain = np.ones(label.shape, bool)
+    annotated = np.ones(label.shape[0], bool)
+    annotated[3] = False
+    out = {}
+    for kernel in ("numpy", "numba"):
+        monkeypatch.setenv(fused.ENV_VAR, kernel)
+        out[kernel] = label_stats(label, region_codes(label, brain, annotated), 0.001)
+    assert out["numba"] == out["numpy"]
+    assert out["numba"].components >= 1
