@@ -14,11 +14,14 @@ workers, all in one run:
 - ``s3``: reading one case from a loopback S3 server (moto) against the local read;
 - wall time of `run_jobs` for all cases on W = 1 and 2 workers (warm workers).
 
-The model: a run of n cases on W single-threaded workers on a machine with C cores takes
+The model (`benchmarks.scaling_doc.model`): a run of n cases on W single-threaded
+workers on a machine with C cores takes
 
-    T(n, W) = start(W) + ceil(n / W_eff) * (case + task),   W_eff = min(W, C)
+    T(n, W) = start(W) + max(ceil(n / W) * (case + task), n * cpu / C)
 
-with ``case`` measured in one process (so the workers' contention for memory bandwidth
+(each worker runs its cases one after another; together they use at most C cores, and
+one worker alone uses more than one, since a case's chunks are decoded on several
+threads), with ``case`` and ``cpu`` (its CPU time, all threads) measured in one process (so the workers' contention for memory bandwidth
 and the page cache is what the check against the measured walls shows). With
 ``--write-doc`` it writes docs/scaling.md from the numbers of this run.
 """
@@ -37,6 +40,7 @@ import time
 from pathlib import Path
 
 from benchmarks.bench_stats import _prepare
+from benchmarks.scaling_doc import model
 from pipeline.malloc import environ as malloc_environ
 
 CORPUS_CASES = 1531  # the seeds' corpus (UPENN-GBM, UCSF-PDGM, BraTS-Africa, LGG, ReMIND)
@@ -197,13 +201,6 @@ def cluster_run(url: str, dataset: str, workers: int, *, tuned: bool = True) -> 
     finally:
         cluster.close()
     return {"start": cluster.start_s, "task": task, "wall": wall, "n": len(plan.jobs)}
-
-
-def model(n: int, workers: int, cores: int, case: float, cpu: float, task: float,
-          start: float = 0.0) -> float:
-    """Each worker runs its cases one after another (``case + task`` each), and all of
-    them together use at most ``cores`` cores (``cpu`` per case); see docs/scaling.md."""
-    return start + max(math.ceil(n / workers) * (case + task), n * cpu / cores)
 
 
 def main() -> None:

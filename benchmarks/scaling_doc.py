@@ -12,6 +12,14 @@ def _corpus_minutes(n: int, workers: int, cores_per_worker_machine: int, case: f
     return (start + math.ceil(n / workers) * (case + task)) / 60.0
 
 
+def model(n: int, workers: int, cores: int, case: float, cpu: float, task: float,
+          start: float = 0.0) -> float:
+    """Seconds for ``n`` cases on ``workers`` single-threaded workers and ``cores`` cores:
+    each worker runs its cases one after another (``case + task`` each), and all of them
+    together use at most ``cores`` cores (``cpu`` per case)."""
+    return start + max(math.ceil(n / workers) * (case + task), n * cpu / cores)
+
+
 def render(result: dict[str, Any], *, corpus: int) -> str:
     """The scaling document (markdown) for ``result`` (see `bench_scaling.main`)."""
     one = result["in_process"]
@@ -55,12 +63,12 @@ def render(result: dict[str, Any], *, corpus: int) -> str:
         "|---|---|---|---|",
     ]
     for w, c in sorted(clusters.items()):
-        predicted = max(math.ceil(c["n"] / w) * (case + c["task"]), c["n"] * cpu / cores)
+        predicted = model(c["n"], w, cores, case, cpu, c["task"])
         lines.append(f"| {w} | {c['wall']:.2f} s | {predicted:.2f} s | {c['wall'] / predicted:.2f} |")
     per_case = result["per_case_on_cluster_s"]
     untuned = result.get("untuned_2")
-    worst = max(c["wall"] / max(math.ceil(c["n"] / w) * (case + c["task"]),
-                                c["n"] * cpu / cores) for w, c in clusters.items())
+    worst = max(c["wall"] / model(c["n"], w, cores, case, cpu, c["task"])
+                for w, c in clusters.items())
     lines += [
         "",
         f"On the largest run a case costs {per_case * 1e3:.0f} ms of a worker's time (the "
