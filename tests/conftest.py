@@ -3,6 +3,8 @@
 from __future__ import annotations
 
 import os
+import tracemalloc
+from collections.abc import Callable
 
 import numpy as np
 import pytest
@@ -56,3 +58,17 @@ def race_for_lease(url: str, dataset: str, *, contenders: int = 8,
     for t in threads:
         t.join()
     return won, busy
+
+
+def peak_bytes(fn: Callable[[], object]) -> int:
+    """Peak Python allocation (tracemalloc) while calling ``fn``; exceptions swallowed
+    (the caller checks the error separately)."""
+    tracemalloc.start()
+    try:
+        fn()
+    except Exception:
+        pass
+    finally:
+        peak = tracemalloc.get_traced_memory()[1]
+        tracemalloc.stop()
+    return peak

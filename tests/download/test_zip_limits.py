@@ -4,7 +4,6 @@ from __future__ import annotations
 
 import hashlib
 import struct
-import tracemalloc
 import zipfile
 from pathlib import Path
 
@@ -20,6 +19,7 @@ from pipeline.download.safezip import (
     safe_extract,
     verify_zip,
 )
+from tests.conftest import peak_bytes
 
 from ._fakes import series_zip, tiny_dicom
 
@@ -39,19 +39,6 @@ def write_zip(path: Path, members: dict[str, bytes | int]) -> Path:
             else:
                 zf.writestr(name, data)
     return path
-
-
-def peak_bytes(fn) -> int:
-    """Peak Python allocation (tracemalloc) while calling ``fn``; exceptions swallowed."""
-    tracemalloc.start()
-    try:
-        fn()
-    except Exception:  # the caller checks the error separately
-        pass
-    finally:
-        peak = tracemalloc.get_traced_memory()[1]
-        tracemalloc.stop()
-    return peak
 
 
 @pytest.fixture

@@ -7,9 +7,7 @@ allocated (tracemalloc peaks of a few MiB) and that the decoders are never reach
 from __future__ import annotations
 
 import gzip
-import tracemalloc
 import zlib
-from collections.abc import Callable
 from pathlib import Path
 
 import nibabel as nib
@@ -25,22 +23,10 @@ from pipeline.io.dicom import read_header
 from pipeline.io.nifti import nifti_layout
 from pipeline.limits import MAX_VOXELS, check_declared_size
 from pipeline.sources.base import VolumeRef
+from tests.conftest import peak_bytes
 from tests.io import write_mr_series, write_seg
 
 MiB = 1 << 20
-
-
-def peak_bytes(fn: Callable[[], object]) -> int:
-    """Peak Python allocation (tracemalloc) while calling ``fn``; exceptions swallowed."""
-    tracemalloc.start()
-    try:
-        fn()
-    except Exception:  # the caller checks the error separately
-        pass
-    finally:
-        peak = tracemalloc.get_traced_memory()[1]
-        tracemalloc.stop()
-    return peak
 
 
 def nifti_header(shape, dtype=np.int16, **fields) -> bytes:
