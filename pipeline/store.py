@@ -475,14 +475,6 @@ class DatasetStore:
             A chunk of the case is absent, cannot be decoded, or (``verify``) does not
             match its checksum; the message names the case and the chunk.
         """
-        if verify:
-            parts = self._read_chunks(case_id, None, record=record, verify=True)
-            return {
-                "image": np.stack([parts[f"image/{ch}"] for ch in self.channels]),
-                "label": parts["label"],
-                "brain": parts["brain"],
-                "annotated": parts["annotated"],
-            }
         if record is None:
             record = self._record(case_id)
         chunks = self._chunk_keys(record.slot)
@@ -491,13 +483,21 @@ class DatasetStore:
             # The image in one selection: zarr decodes its channel chunks concurrently
             # into one (C, Z, Y, X) array (reading them one by one and stacking them
             # cost a copy of the image: a fifth of the read).
-            return {"image": self._group["image"][record.slot],
-                    **{name: self._group[name][record.slot]
-                       for name in ("label", "brain", "annotated")}}
+            arrays = {"image": self._group["image"][record.slot],
+                      **{name: self._group[name][record.slot]
+                         for name in ("label", "brain", "annotated")}}
         except Exception:  # the codecs raise RuntimeError, ValueError, ...
             # chunk by chunk, to name the one that cannot be decoded (CaseDamaged)
             self._read_chunks(case_id, None, record=record)
             raise
+        if verify:
+            expected = record.attrs.get("checksums", {})
+            for name, (_, selection, key) in chunks.items():
+                values = arrays["image"][selection[1]] if name.startswith("image/") \
+                    else arrays[name]
+                if name in expected:
+                    self._check_checksum(case_id, key, values, expected[name])
+        return arrays
 
     def read_image(self, case_id: str, channel: str, *,
                    record: CaseRecord | None = None) -> np.ndarray:
@@ -547,8 +547,20 @@ class DatasetStore:
                               + (f" (and {len(missing) - 1} more)" if len(missing) > 1 else ""),
                               self)
 
+    def _check_checksum(self, case_id: str, key: str, values: np.ndarray,
+                        recorded: str) -> None:
+        """`CaseDamaged` naming the chunk when ``values`` do not match ``recorded``."""
+        try:
+            same = checksum_matches(values, recorded)
+        except ValueError as err:
+            raise CaseDamaged(case_id, f"chunk {key!r} cannot be checked: {err}",
+                              self) from err
+        if not same:
+            raise CaseDamaged(case_id, f"chunk {key!r} does not match the checksum "
+                              "recorded at commit", self)
+
     def _read_chunks(self, case_id: str, names: tuple[str, ...] | None, *,
-                     record: CaseRecord | None, verify: bool = False) -> dict[str, np.ndarray]:
+                     record: CaseRecord | None) -> dict[str, np.ndarray]:
         """Chosen chunks (all when `names` is None) of a committed case, by name
         (``image/<channel>``, ``label``, ``brain``, ``annotated``); see `read_case`."""
         if record is None:
@@ -557,24 +569,13 @@ class DatasetStore:
         if names is not None:
             chunks = {name: chunks[name] for name in names}
         self._check_present(case_id, record, chunks)
-        expected = record.attrs.get("checksums", {}) if verify else {}
         parts: dict[str, np.ndarray] = {}
         for name, (arr, selection, key) in chunks.items():
             try:
-                values = arr[selection]
+                parts[name] = arr[selection]
             except Exception as err:  # the codecs raise RuntimeError, ValueError, ...
                 raise CaseDamaged(case_id, f"chunk {key!r} cannot be decoded "
                                   f"({type(err).__name__}: {err})", self) from err
-            try:
-                same = not verify or name not in expected or checksum_matches(values,
-                                                                              expected[name])
-            except ValueError as err:
-                raise CaseDamaged(case_id, f"chunk {key!r} cannot be checked: {err}",
-                                  self) from err
-            if not same:
-                raise CaseDamaged(case_id, f"chunk {key!r} does not match the checksum "
-                                  "recorded at commit", self)
-            parts[name] = values
         return parts
 
     def verify_case(self, case_id: str, *, record: CaseRecord | None = None) -> str | None:
