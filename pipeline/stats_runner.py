@@ -350,8 +350,8 @@ def local_cluster(n_workers: int | None = None):
     """A local Dask cluster for the engine: worker processes with one thread each.
 
     The workers start with the allocator settings of `pipeline.malloc` (Dask's nanny
-    would otherwise freeze glibc's mmap threshold at 128 KiB, and a worker ran the same
-    job 1.3-1.5x slower than one process).
+    would otherwise freeze glibc's mmap threshold at 128 KiB; see that module for what
+    they changed here).
     """
     import os
 
