@@ -155,18 +155,25 @@ def _kernel_table(url: str, dataset: str, repeats: int) -> dict[str, float]:
             "kernel numpy ms": npy * 1e3}
 
 
-def _first_call_cost() -> tuple[float, float]:
-    """Seconds of the engine's first call in a fresh process (`stats.dataset.prepare`:
-    numba's set-up and the kernel, scipy.ndimage): with an empty numba cache (compile)
-    and with the cache the first process wrote (load)."""
-    code = ("import time\nfrom stats.dataset import prepare\nt = time.perf_counter()\n"
-            "prepare()\nprint(time.perf_counter() - t)\n")  # the imports are not counted
-    with tempfile.TemporaryDirectory() as cache:
-        env = {**os.environ, "NUMBA_CACHE_DIR": cache}
-        out = [float(subprocess.run([sys.executable, "-c", code], capture_output=True,
+def _first_call_cost() -> tuple[float, float, float]:
+    """Seconds of the engine's first call in a fresh process (`pipeline.aot.install`, then
+    `stats.dataset.prepare`): numba's JIT with an empty cache (compile) and with the cache
+    the first process wrote (load), then the ahead-of-time build (nan when there is none)."""
+    code = ("import time\nfrom pipeline import aot\nfrom stats.dataset import prepare\n"
+            "t = time.perf_counter()\naot.install()\nprepare()\n"
+            "print(time.perf_counter() - t)\n")  # the imports are not counted
+
+    def run(env: dict[str, str]) -> float:
+        return float(subprocess.run([sys.executable, "-c", code], capture_output=True,
                                     text=True, check=True, env=env).stdout.split()[-1])
-               for _ in range(2)]
-    return out[0], out[1]
+
+    from pipeline import aot
+
+    with tempfile.TemporaryDirectory() as cache:
+        env = {**os.environ, "NUMBA_CACHE_DIR": cache, aot.ENV_VAR: "0"}
+        compile_s, load_s = run(env), run(env)
+    ahead = run(dict(os.environ)) if aot.find()[0] is not None else float("nan")
+    return compile_s, load_s, ahead
 
 
 def _cli_peak_mib(xrai: str, url: str, dataset: str) -> float:
@@ -182,6 +189,24 @@ def _cli_peak_mib(xrai: str, url: str, dataset: str) -> float:
                               str(Path(tmp) / "s.json")],
                              capture_output=True, text=True, check=True)
     return int(out.stdout.split()[-1]) / 1024.0
+
+
+def _resident_by_case(url: str, dataset: str) -> list[float]:
+    """Resident memory (MiB) of a fresh process after each case of ``run_stats`` (the
+    engine ``xrai stats`` runs, with its allocator settings): whether memory grows with
+    the number of cases or levels off (the live cases plus what the allocator keeps)."""
+    code = ("import sys\nfrom pipeline.malloc import tune_this_process\n"
+            "tune_this_process()\nfrom pipeline.stats_runner import run_stats\n"
+            "def rss():\n"
+            "    with open('/proc/self/statm') as f:\n"
+            "        return int(f.read().split()[1]) * 4096 / 2**20\n"
+            "marks = []\n"
+            "run_stats(sys.argv[1], sys.argv[2], recompute=True,"
+            " on_done=lambda cid: marks.append(rss()))\n"
+            "print(' '.join(f'{m:.1f}' for m in marks))\n")
+    out = subprocess.run([sys.executable, "-c", code, url, dataset], capture_output=True,
+                         text=True, check=True)
+    return [float(x) for x in out.stdout.split()]
 
 
 def _cli_store(work: Path, shape: tuple[int, int, int], n: int) -> tuple[str, list]:
@@ -300,9 +325,10 @@ def _cli_path(work: Path, shape: tuple[int, int, int], n: int, pairs: int,
     ratio is (large - small) / read. The median ratio over ``pairs`` pairs is reported: the
     three measurements of a pair are taken within seconds, so the machine's drifting load
     weighs on them alike. The fixed cost is the 4-case run less reading its 4 cases.
-    Then the incremental path as users meet it: ``xrai stats`` (no ``--recompute``) with
-    nothing new, and after ingesting one more case; the difference is what adding a case
-    costs, set against one case's share of the marginal cost.
+    Then the incremental path as users meet it: ``xrai stats`` (no ``--recompute``) after
+    ingesting one more case, then with nothing new, ``pairs`` times back to back; the
+    median difference is what adding a case costs, set against one case's share of the
+    marginal cost.
     """
     from pipeline.ingest import ingest_cases
     from pipeline.store import DatasetStore, Grid
@@ -356,28 +382,41 @@ def _cli_path(work: Path, shape: tuple[int, int, int], n: int, pairs: int,
     print(f"  peak memory of xrai stats (max RSS of the command and its children): 4 cases "
           f"{peak['four']:.0f} MiB, {n} cases {peak['many']:.0f} MiB "
           f"(ratio {peak['many'] / peak['four']:.2f})")
+    if Path("/proc/self/statm").exists():
+        from pipeline.malloc import THRESHOLD
 
-    # incremental: nothing new, then one more case (the cached partials of the others)
+        rss = _resident_by_case(url, "many")
+        half = len(rss) // 2
+        print(f"  resident memory after each of the {len(rss)} cases (MiB): "
+              f"{' '.join(f'{m:.0f}' for m in rss)}; the second half of the cases added "
+              f"{rss[-1] - rss[half - 1]:+.0f} MiB (the first half {rss[half - 1] - rss[0]:+.0f}: "
+              f"the allocator keeps up to {THRESHOLD >> 20} MiB of freed memory, "
+              f"pipeline.malloc)")
+
+    # incremental: one more case (the cached partials of the others), then nothing new;
+    # in pairs taken back to back, so that the machine's drifting load weighs on both
     cli("many")  # brings the stored partials up to date after the --recompute runs
-    noop = statistics.median(cli("many") for _ in range(3))
     writable = DatasetStore.open(url, "many", writable=True)
     writable.drop_partials(cases[n].case_id)  # an earlier run's, else they are reused
     ingest_cases([cases[n]], url, "many", grid=Grid(shape=shape))
     try:
-        runs = []
-        for _ in range(3):  # the added case computed anew each time
-            writable.drop_partials(cases[n].case_id)
+        cli("many")
+        runs, noops = [], []
+        for _ in range(pairs):
+            writable.drop_partials(cases[n].case_id)  # the added case computed anew
             runs.append(cli("many"))
-        plus_one = statistics.median(runs)
+            noops.append(cli("many"))  # its partials now stored: nothing to compute
+        plus_one, noop = statistics.median(runs), statistics.median(noops)
+        added = statistics.median(a - b for a, b in zip(runs, noops, strict=True))
     finally:
         writable.uncommit(cases[n].case_id)
         writable.drop_partials(cases[n].case_id)
     per_case = marginal / len(extra)
-    added = plus_one - noop
-    print(f"  incremental (medians of 3): xrai stats with nothing new {noop:.2f} s, after "
-          f"adding one case {plus_one:.2f} s: the case costs {added:.2f} s = {added / per_case:.2f}x one "
+    print(f"  incremental ({pairs} pairs): xrai stats after adding one case {plus_one:.2f} s, "
+          f"with nothing new {noop:.2f} s (medians): the case costs {added:.3f} s (median of "
+          f"the pairs' differences) = {added / per_case:.2f}x one "
           f"case's share of the marginal cost ({per_case:.3f} s; aim <= 1.5x), the engine's "
-          f"first call in the process included ({first_call:.2f} s in a fresh process, "
+          f"first call in the process included ({first_call:.3f} s in a fresh process, "
           f"which a run with nothing to compute does not make)")
     profile = _stage_profile(url, "many")
     return {f"cli {tag} ratio": ratio, **{f"cli {tag} {k}": v for k, v in profile.items()}, f"cli {tag} Mvox/s": mvox / marginal,
@@ -402,13 +441,17 @@ def main() -> None:
 
     # the floors are read in this process: with the allocator settings xrai stats uses
     tune_this_process()
-    compile_s, load_s = _first_call_cost()
-    print(f"the engine's first call in a fresh process (numba's set-up, the kernel, "
-          f"scipy.ndimage): {compile_s:.2f} s with an empty numba cache (compile), "
-          f"{load_s:.2f} s cached (once per process: each run, each Dask worker)")
+    compile_s, load_s, ahead_s = _first_call_cost()
+    from pipeline import aot
+
+    print(f"the engine's first call in a fresh process (once per process: each run, each "
+          f"Dask worker): numba's JIT {compile_s:.2f} s with an empty cache (compile), "
+          f"{load_s:.2f} s cached; the ahead-of-time build {ahead_s:.3f} s "
+          f"({aot.find()[1]})")
+    first_call = ahead_s if ahead_s == ahead_s else load_s  # what xrai stats pays here
     cli = {}
     for shape in (SMALL_SHAPE, GRID_SHAPE):
-        cli.update(_cli_path(args.workdir, shape, args.cases, args.pairs, load_s))
+        cli.update(_cli_path(args.workdir, shape, args.cases, args.pairs, first_call))
     if args.cli_only:
         print(json.dumps({k: round(v, 3) for k, v in cli.items()}))
         return

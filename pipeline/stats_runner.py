@@ -43,7 +43,7 @@ from typing import Any
 
 import numpy as np
 
-from pipeline import code_version
+from pipeline import aot, code_version
 from pipeline.errors import StoreError
 from pipeline.lease import writer_lease
 from pipeline.store import CaseRecord, DatasetStore
@@ -182,6 +182,7 @@ class StatsJob:
 
     def compute(self, arrays: Mapping[str, Any], *, persist_result: bool = True) -> CasePartials:
         """The partials of the arrays `read` returned, persisted unless told not to."""
+        aot.install()  # the compiled kernels, in whichever process runs the job
         partials = case_partials(self.case_id, self.content_hash, dict(arrays), self.config)
         if persist_result:
             self.persist(partials)
@@ -456,6 +457,7 @@ def run_jobs(jobs: Sequence[StatsJob], scheduler: str | None = "synchronous",
         with ThreadPoolExecutor(1, thread_name_prefix="xrai-read-ahead") as reader, \
                 ThreadPoolExecutor(1, thread_name_prefix="xrai-persist") as writer:
             upcoming = reader.submit(jobs[0].read)
+            aot.install()
             prepare()  # the kernel's first-call cost, while the first case is read
             written: Future[None] | None = None
             done_id: str | None = None

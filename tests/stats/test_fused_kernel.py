@@ -31,6 +31,12 @@ from stats.moments import MomentPartial, kurtosis_from_partial, skew_from_partia
 from stats.transforms import arcsin_sqrt, ln
 
 needs_numba = pytest.mark.skipif(not fused.available(), reason="numba is not importable")
+
+
+def fused_kernels():
+    from stats import fused_kernels as k
+
+    return k
 ROOT = Path(__file__).resolve().parents[2]
 
 
@@ -372,7 +378,7 @@ class TestElementwise:
         x = np.concatenate([rng.lognormal(0.0, 5.0, 200_000), np.exp(rng.uniform(-700, 700,
                             200_000)), [np.finfo(np.float64).tiny, 1.0, 2.0, 1e308]])
         out = np.empty_like(x)
-        fused._ln_into(x, x.size, 0.0, np.inf, 0.0, out)
+        fused_kernels()._ln_into(x, x.size, 0.0, np.inf, 0.0, out)
         ref = np.log(x)
         ulp = np.abs(out - ref) / np.spacing(np.abs(ref))
         assert ulp[ref != 0].max() <= 1.0
@@ -383,7 +389,7 @@ class TestElementwise:
         u = np.concatenate([rng.uniform(0, 1, 200_000), rng.uniform(0, 1e-9, 10_000),
                             1 - rng.uniform(0, 1e-9, 10_000), [0.0, 0.25, 0.5, 1.0]])
         out = np.empty_like(u)
-        fused._arcsin_sqrt_into(u, u.size, 0.0, 1.0, 1.0, out)
+        fused_kernels()._arcsin_sqrt_into(u, u.size, 0.0, 1.0, 1.0, out)
         ref = np.arcsin(np.sqrt(u))
         ulp = np.abs(out - ref)[ref != 0] / np.spacing(ref[ref != 0])
         assert ulp.max() <= 2.0
@@ -410,14 +416,16 @@ class TestSelection:
 @pytest.mark.slow
 def test_compiled_once_then_loaded_from_the_cache(tmp_path: Path) -> None:
     """cache=True: a second process (a Dask worker) loads the machine code, it does not
-    compile again (numba's dispatcher counts cache hits and misses)."""
+    compile again (numba's dispatcher counts cache hits and misses; the JIT form, with
+    the ahead-of-time module turned off)."""
     code = (
-        "import numpy as np\nfrom stats import fused\nfrom stats.transforms import ln\n"
+        "import numpy as np\nfrom stats import fused, fused_kernels as k\n"
+        "from stats.transforms import ln\n"
         "v = np.ones(100, np.float32); c = np.ones(100, np.uint8)\n"
         "fused.region_partials(v, c, 2, {'ln': ln(1.0)}, edges=[0.0, 2.0], clamp=(0.0, 2.0))\n"
-        "print(sum(fused._fused.stats.cache_hits.values()),"
-        " sum(fused._fused.stats.cache_misses.values()))\n")
-    env = {**os.environ, "NUMBA_CACHE_DIR": str(tmp_path)}
+        "print(sum(k._fused.stats.cache_hits.values()),"
+        " sum(k._fused.stats.cache_misses.values()))\n")
+    env = {**os.environ, "NUMBA_CACHE_DIR": str(tmp_path), "XRAI_STATS_AOT": "0"}
     runs = [subprocess.run([sys.executable, "-c", code], capture_output=True, text=True,
                            check=True, cwd=ROOT, env=env).stdout.split() for _ in range(2)]
     assert runs[0] == ["0", "1"]  # the first process compiles
@@ -428,13 +436,13 @@ def test_compiled_once_then_loaded_from_the_cache(tmp_path: Path) -> None:
 def test_warm_up_loads_the_code_the_engine_then_runs() -> None:
     """`fused.warm_up` readies the very specialisation `case_partials` calls (float32
     volumes, uint8 codes, the engine's candidates): in a fresh process (no earlier call
-    has compiled anything), the real call after it adds no signature."""
+    has compiled anything), the real call after it adds no signature (the JIT form)."""
     code = """
 import numpy as np
-from stats import fused
+from stats import fused, fused_kernels as k
 from stats.dataset import N_CODES, EngineConfig, case_partials
 fused.warm_up()
-before = len(fused._fused.signatures)
+before = [len(f.signatures) for f in (k._fused, k._codes, k._slices, k._components)]
 rng = np.random.default_rng(3)
 image = rng.gamma(2.0, 50.0, size=(2, 6, 7, 8)).astype(np.float32)
 label = rng.integers(0, N_CODES - 1, size=(6, 7, 8)).astype(np.uint8)
@@ -443,12 +451,13 @@ arrays = {"image": image, "label": label, "brain": np.ones((6, 7, 8), bool),
 config = EngineConfig(channels=("t1", "t2"), upper={"t1": 1000.0, "t2": 1000.0},
                       voxel_ml=0.001, bins=64, scale={"t1": 900.0, "t2": 900.0})
 case_partials("c", "h", arrays, config)
-print(before, len(fused._fused.signatures))
+print(before == [len(f.signatures) for f in (k._fused, k._codes, k._slices, k._components)],
+      before)
 """
-    env = {**os.environ, fused.ENV_VAR: "numba"}
+    env = {**os.environ, fused.ENV_VAR: "numba", "XRAI_STATS_AOT": "0"}
     out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True,
-                         check=True, cwd=ROOT, env=env).stdout.split()
-    assert out == ["1", "1"]
+                         check=True, cwd=ROOT, env=env).stdout.strip().split(maxsplit=1)
+    assert out == ["True", "[1, 1, 1, 1]"]
 
 
 @needs_numba
