@@ -17,7 +17,7 @@ export PREFECT_SERVER_ANALYTICS_ENABLED := false
 AOT := stats/_fused_aot.json
 setup: $(STAMP) $(AOT)
 
-$(AOT): $(STAMP) stats/fused_kernels.py stats/fused.py pipeline/aot.py
+$(AOT): $(STAMP) stats/fused_kernels.py stats/fused.py pipeline/standardize_kernels.py pipeline/aot.py
 	$(PY) -m pipeline.aot || true
 
 $(STAMP): pyproject.toml constraints.txt

@@ -59,12 +59,15 @@ STAMP = MODULE + ".json"
 #: Where the module goes: the stats package, beside the kernels' sources.
 _HERE = Path(stats.__file__).resolve().parent
 #: The sources the module is compiled from (the kernels and the constants they import).
-_SOURCES = ("fused_kernels.py", "fused.py")
+_SOURCES = (_HERE / "fused_kernels.py", _HERE / "fused.py",
+            Path(__file__).resolve().parent / "standardize_kernels.py")
 
 
 def exports() -> dict[str, tuple[Callable[..., Any], str]]:
-    """Exported name -> (numba function, signature): the kernels at the dtypes the engine
-    gives them (float32 images, uint8 codes; `stats.fused._fast` picks them by dtype)."""
+    """Exported name -> (numba function, signature): the statistics kernels at the dtypes
+    the engine gives them (float32 images, uint8 codes; `stats.fused._fast` picks them by
+    dtype), and the ingest's scan of resampled channels (`pipeline.standardize`)."""
+    from pipeline import standardize_kernels as s
     from stats import fused_kernels as k
 
     return {
@@ -75,14 +78,16 @@ def exports() -> dict[str, tuple[Callable[..., Any], str]]:
                   " uint8[:,:,::1])"),
         "slices": (k._slices, "void(uint8[:,:,::1], int64[::1], int64[::1], int64[::1])"),
         "components": (k._components, "int64(uint8[:,:,::1], int64)"),
+        "scan_channels": (s._scan_channels, "void(float32[:,::1], int32[:,::1], boolean[::1],"
+                                                  " float64[:,::1])"),
     }
 
 
 def source_digest() -> str:
     """SHA-256 (first 16 hex digits) of the kernels' sources, as this checkout has them."""
     h = hashlib.sha256()
-    for name in _SOURCES:
-        h.update(name.encode() + b"\0" + (_HERE / name).read_bytes() + b"\0")
+    for path in _SOURCES:
+        h.update(path.name.encode() + b"\0" + path.read_bytes() + b"\0")
     return h.hexdigest()[:16]
 
 
@@ -197,7 +202,7 @@ def find(directory: Path | None = None) -> tuple[ModuleType | None, str]:
 
 
 #: The names `exports` gives (checked by `find` without importing numba).
-_EXPORTED = ("fused_f32", "codes", "slices", "components")
+_EXPORTED = ("fused_f32", "codes", "slices", "components", "scan_channels")
 
 
 _installed: tuple[ModuleType | None, str] | None = None

@@ -111,9 +111,9 @@ def run_ingest(source_dir: Path, store: str, dataset: str, *, layout: str, grid:
                storage_options: dict | None = None, wait: float = 0.0):
     """Ingest with a progress bar and print the summary; returns the report."""
     from pipeline.ingest import ingest
-    from pipeline.malloc import tune_this_process
+    from pipeline.malloc import INGEST_THRESHOLD, tune_this_process
 
-    tune_this_process()  # this process (or its workers) standardizes case after case
+    tune_this_process(INGEST_THRESHOLD)  # this process (or its workers) standardizes case after case
 
     with _progress() as bar:
         task = bar.add_task("ingest", total=None, last="")

@@ -203,10 +203,10 @@ def _watch_parent(period: float = 0.2) -> None:
 def _init_worker(threads: int, parent: int) -> None:
     import SimpleITK as sitk
 
-    from pipeline.malloc import tune_this_process
+    from pipeline.malloc import INGEST_THRESHOLD, tune_this_process
 
     global _PARENT
-    tune_this_process()  # our own worker: it standardizes case after case
+    tune_this_process(INGEST_THRESHOLD)  # our own worker: it standardizes case after case
     sitk.ProcessObject.SetGlobalDefaultNumberOfThreads(threads)
     os.environ.setdefault("OMP_NUM_THREADS", str(threads))
     # A worker outlives a parent killed with SIGKILL (nothing tells it); it would go on

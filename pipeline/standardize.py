@@ -80,6 +80,7 @@ finite rejects the case, and the record is checked before it is returned.
 
 from __future__ import annotations
 
+import functools
 import math
 from collections.abc import Mapping
 from dataclasses import dataclass, field
@@ -219,6 +220,59 @@ def nonzero_any(arrays: list[np.ndarray]) -> np.ndarray:
         np.not_equal(arr, 0, out=scratch)
         mask |= scratch
     return mask
+
+
+def scan_channels(out: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+    """The brain mask of a case's resampled channels and what the record needs of them.
+
+    Parameters
+    ----------
+    out : (C, Z, Y, X) float32 array
+
+    Returns
+    -------
+    brain : (Z, Y, X) bool
+        `nonzero_any` of the channels.
+    fields : (C, 4) float64
+        Per channel: non-finite voxels (of all), then over the brain: min, max and the
+        voxels below zero (min and max are +inf and -inf for an empty brain).
+
+    One compiled pass over the channels (`pipeline.standardize_kernels`; ahead of time
+    through `pipeline.aot`), 30-40 ms less a 4 x 240x240x155 case than numpy's masks,
+    gathers and reductions (`_scan_numpy`, used without numba, and the tests' reference).
+    """
+    kernel = _scan_kernel() if out.dtype == np.float32 and out.flags.c_contiguous else None
+    if kernel is None:
+        return _scan_numpy(out)
+    brain = np.empty(out.shape[1:], dtype=bool)
+    fields = np.empty((out.shape[0], 4))
+    flat = out.reshape(out.shape[0], -1)
+    kernel(flat, flat.view(np.int32), brain.reshape(-1), fields)
+    return brain, fields
+
+
+def _scan_numpy(out: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+    brain = nonzero_any(list(out))
+    fields = np.empty((out.shape[0], 4))
+    for ci, channel in enumerate(out):
+        values = channel[brain]
+        fields[ci, 0] = channel.size - np.count_nonzero(np.isfinite(channel))
+        fields[ci, 1:3] = (values.min(), values.max()) if values.size else (np.inf, -np.inf)
+        fields[ci, 3] = np.count_nonzero(values < 0)
+    return brain, fields
+
+
+@functools.cache
+def _scan_kernel() -> Any:
+    """The compiled scan: the ahead-of-time module's, else numba's JIT, else None."""
+    from pipeline import aot
+
+    module = aot.install()[0]
+    if module is not None:
+        return module.scan_channels
+    from pipeline import standardize_kernels
+
+    return standardize_kernels._scan_channels if standardize_kernels.numba is not None else None
 
 
 def count_inside(img: sitk.Image, mask: np.ndarray, target: sitk.Image) -> int:
@@ -606,9 +660,11 @@ def standardize_case(
     for ci, name in enumerate(channels):
         res = _resample(images[name].image, target, label=False)
         out[ci] = sitk.GetArrayViewFromImage(res)
-        _check_resampled(case_id, name, images[name].path, out[ci])
         info["volumes"][name] = {"file": str(images[name].path), **geometry(images[name].image)}
-    brain = nonzero_any(list(out))
+    brain, fields = scan_channels(out)
+    for ci, name in enumerate(channels):
+        if fields[ci, 0]:  # raises, naming the first non-finite voxel
+            _check_resampled(case_id, name, images[name].path, out[ci])
 
     # The brain is measured over the channels on the reference channel's grid (all of
     # them, unless one was flagged above), in the source and on the grid alike.
@@ -660,10 +716,9 @@ def standardize_case(
 
     info["target_origin"] = [round(float(o), 4) for o in target.GetOrigin()]
     info["intensity_range"], info["negative_voxels"] = {}, {}
-    for ci, name in enumerate(channels):
-        values = out[ci][brain]                   # not empty: check_survival passed
-        info["intensity_range"][name] = [float(values.min()), float(values.max())]
-        info["negative_voxels"][name] = int(np.count_nonzero(values < 0))
+    for ci, name in enumerate(channels):  # over the brain: not empty, check_survival passed
+        info["intensity_range"][name] = [float(fields[ci, 1]), float(fields[ci, 2])]
+        info["negative_voxels"][name] = int(fields[ci, 3])
     _check_json_safe(case_id, info)
     return StandardCase(image=out, label=lab, brain=brain, annotated=annotated, info=info)
 

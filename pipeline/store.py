@@ -360,10 +360,10 @@ class DatasetStore:
             )
         checksums: dict[str, str] = {}
         img = self._array("image")
+        image = np.ascontiguousarray(image, dtype=img.dtype)
         for ci, ch in enumerate(self.channels):
-            values = np.ascontiguousarray(image[ci], dtype=img.dtype)
-            checksums[f"image/{ch}"] = checksum(values)
-            img[slot, ci] = values
+            checksums[f"image/{ch}"] = checksum(image[ci])
+        img[slot] = image  # one selection: zarr encodes the channels' chunks concurrently
         for name, values in (("label", label), ("brain", brain), ("annotated", annotated)):
             arr = self._array(name)
             values = np.ascontiguousarray(values, dtype=arr.dtype)

@@ -41,6 +41,34 @@ def test_tuned_process_reuses_freed_volumes_instead_of_faulting_them_in_again():
     assert runs["tuned"] < runs["default"] / 20
 
 
+_BURST = """
+import resource, sys
+from pipeline.malloc import INGEST_THRESHOLD, THRESHOLD, tune_this_process
+assert tune_this_process(INGEST_THRESHOLD if sys.argv[1] == "ingest" else THRESHOLD)
+def faults():
+    return resource.getrusage(resource.RUSAGE_SELF).ru_minflt
+def case():  # 400 MB held at once, then freed together: an ingest's case
+    held = [bytearray(40_000_000) for _ in range(10)]
+    del held
+case()
+before = faults()
+for _ in range(5):
+    case()
+print(faults() - before)
+"""
+
+
+@glibc
+def test_ingest_threshold_keeps_a_whole_case_freed_at_once():
+    """A case that frees 400 MB at once: above `THRESHOLD` the heap's top is returned to
+    the system and faulted in again by the next case; `INGEST_THRESHOLD` keeps it."""
+    runs = {mode: int(subprocess.run([sys.executable, "-c", _BURST, mode], check=True,
+                                     capture_output=True, text=True).stdout.split()[-1])
+            for mode in ("stats", "ingest")}
+    assert runs["stats"] > 5 * 10_000
+    assert runs["ingest"] < runs["stats"] / 20
+
+
 @glibc
 def test_tune_this_process_takes():
     assert tune_this_process()

@@ -12,9 +12,11 @@ from pipeline.standardize import (
     Loaded,
     _check_intensities,
     _check_resampled,
+    _scan_numpy,
     bounding_box,
     nonzero_any,
     remap_labels,
+    scan_channels,
 )
 from tests.conftest import make_image
 
@@ -124,3 +126,78 @@ class TestIntensityChecks:
             _check_resampled("c", "t2w", Path("t2.nii.gz"), arr)
         arr[2, 0, 1] = 1e30
         _check_resampled("c", "t2w", Path("t2.nii.gz"), arr)
+
+
+class TestScanChannels:
+    """`scan_channels` (one compiled pass) against the numpy forms the record used: the
+    brain as `nonzero_any`, and per channel the non-finite count and min, max and
+    negative count over ``out[c][brain]`` (exact: min, max and counts do not round)."""
+
+    @staticmethod
+    def reference(out: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+        brain = np.any(out != 0, axis=0)
+        fields = []
+        for channel in out:
+            values = channel[brain]
+            fields.append([np.count_nonzero(~np.isfinite(channel)),
+                           values.min() if values.size else np.inf,
+                           values.max() if values.size else -np.inf,
+                           np.count_nonzero(values < 0)])
+        return brain, np.array(fields, dtype=np.float64)
+
+    @pytest.mark.parametrize("zero_share", [0.0, 0.5, 0.95, 1.0])
+    def test_equals_numpy(self, rng, zero_share):
+        out = rng.normal(50.0, 80.0, (4, 9, 10, 11)).astype(np.float32)
+        out[rng.random(out.shape) < zero_share] = 0.0
+        for got in (scan_channels(out), _scan_numpy(out)):
+            want = self.reference(out)
+            np.testing.assert_array_equal(got[0], want[0])
+            np.testing.assert_array_equal(got[1], want[1])
+
+    @pytest.mark.parametrize("kind", ["positive", "negative with zeros", "one negative",
+                                      "channel all zero", "all zero", "negative zeros",
+                                      "no positive, no zero in the brain"])
+    def test_the_branches_equal_numpy(self, rng, kind):
+        """Each way the compiled scan finds the brain's min and max (see its notes),
+        in the ahead-of-time form ``scan_channels`` runs here and in numba's JIT form."""
+        from pipeline import standardize_kernels
+
+        for _ in range(30):
+            out = rng.normal(0.0, 1.0, (3, 4, 5, 6)).astype(np.float32)
+            if kind == "positive":
+                out = np.abs(out)
+            elif kind == "negative with zeros":
+                out = -np.abs(out)
+                out[rng.random(out.shape) < 0.5] = 0.0
+            elif kind == "one negative":
+                out[:] = 0.0
+                out[2, 1, 1, 1] = -3.0
+            elif kind == "channel all zero":
+                out[0] = 0.0
+                out[1] = -np.abs(out[1])
+            elif kind == "all zero":
+                out[:] = 0.0
+            elif kind == "negative zeros":
+                out[rng.random(out.shape) < 0.3] = -0.0
+            else:
+                out = -np.abs(out)
+            want = self.reference(out)
+            flat = out.reshape(3, -1)
+            brain, fields = np.empty(flat.shape[1], bool), np.empty((3, 4))
+            standardize_kernels._scan_channels(flat, flat.view(np.int32), brain, fields)
+            for got in (scan_channels(out), (brain.reshape(out.shape[1:]), fields)):
+                np.testing.assert_array_equal(got[0], want[0])
+                np.testing.assert_array_equal(got[1], want[1])
+
+    def test_counts_non_finite_values(self, rng):
+        out = rng.uniform(1.0, 2.0, (3, 4, 5, 6)).astype(np.float32)
+        out[1, 0, 0, 0], out[1, 3, 4, 5], out[2, 1, 1, 1] = np.nan, np.inf, -np.inf
+        for brain, fields in (scan_channels(out), _scan_numpy(out)):
+            assert brain.all()
+            assert fields[:, 0].tolist() == [0, 2, 1]
+
+    def test_standardize_case_uses_the_compiled_scan(self):
+        """The compiled form is what ingest runs here (numba is a dependency)."""
+        from pipeline.standardize import _scan_kernel
+
+        assert _scan_kernel() is not None
