@@ -312,7 +312,8 @@ def _stage_profile(url: str, dataset: str, repeats: int = 3) -> dict[str, float]
     print(f"    {'pipelined, as xrai stats runs':32s} {pipelined * 1e3:7.1f}  = "
           f"{pipelined / read:.2f}x the read; two perfectly shared cores would allow "
           f"{max(read, total / 2) * 1e3:.1f} ms = {max(read, total / 2) / read:.2f}x")
-    return {"stages sum x read": total / read, "pipelined x read": pipelined / read}
+    return {"stages sum x read": total / read, "pipelined x read": pipelined / read,
+            "one case alone s": total}
 
 
 
@@ -393,8 +394,13 @@ def _cli_path(work: Path, shape: tuple[int, int, int], n: int, pairs: int,
               f"the allocator keeps up to {THRESHOLD >> 20} MiB of freed memory, "
               f"pipeline.malloc)")
 
+    profile = _stage_profile(url, "many")
+    alone = profile.pop("one case alone s")
+
     # incremental: one more case (the cached partials of the others), then nothing new;
     # in pairs taken back to back, so that the machine's drifting load weighs on both
+    # (more pairs than above: the difference of two whole runs is noisier than a ratio)
+    inc_pairs = 2 * pairs + 1
     cli("many")  # brings the stored partials up to date after the --recompute runs
     writable = DatasetStore.open(url, "many", writable=True)
     writable.drop_partials(cases[n].case_id)  # an earlier run's, else they are reused
@@ -402,7 +408,7 @@ def _cli_path(work: Path, shape: tuple[int, int, int], n: int, pairs: int,
     try:
         cli("many")
         runs, noops = [], []
-        for _ in range(pairs):
+        for _ in range(inc_pairs):
             writable.drop_partials(cases[n].case_id)  # the added case computed anew
             runs.append(cli("many"))
             noops.append(cli("many"))  # its partials now stored: nothing to compute
@@ -412,15 +418,18 @@ def _cli_path(work: Path, shape: tuple[int, int, int], n: int, pairs: int,
         writable.uncommit(cases[n].case_id)
         writable.drop_partials(cases[n].case_id)
     per_case = marginal / len(extra)
-    print(f"  incremental ({pairs} pairs): xrai stats after adding one case {plus_one:.2f} s, "
-          f"with nothing new {noop:.2f} s (medians): the case costs {added:.3f} s (median of "
-          f"the pairs' differences) = {added / per_case:.2f}x one "
-          f"case's share of the marginal cost ({per_case:.3f} s; aim <= 1.5x), the engine's "
-          f"first call in the process included ({first_call:.3f} s in a fresh process, "
-          f"which a run with nothing to compute does not make)")
-    profile = _stage_profile(url, "many")
+    print(f"  incremental ({inc_pairs} pairs): xrai stats after adding one case "
+          f"{plus_one:.2f} s, with nothing new {noop:.2f} s (medians): the case costs "
+          f"{added:.3f} s (median of the pairs' differences) = {added / alone:.2f}x one case's "
+          f"work done alone ({alone:.3f} s: the sum of its stages above; aim <= 1.5x), "
+          f"{added / per_case:.2f}x its share of the marginal cost of a run, where cases "
+          f"overlap ({per_case:.3f} s). A lone case overlaps with nothing, and pays a fresh "
+          f"process's first touch of its memory; the engine's first call is included "
+          f"({first_call:.3f} s in a fresh process, which a run with nothing to compute does "
+          f"not make)")
     return {f"cli {tag} ratio": ratio, **{f"cli {tag} {k}": v for k, v in profile.items()}, f"cli {tag} Mvox/s": mvox / marginal,
-            f"cli {tag} fixed s": fixed, f"cli {tag} added case x": added / per_case,
+            f"cli {tag} fixed s": fixed, f"cli {tag} added case x alone": added / alone,
+            f"cli {tag} added case x share": added / per_case,
             f"cli {tag} peak MiB ratio": peak["many"] / peak["four"]}
 
 

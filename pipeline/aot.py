@@ -25,6 +25,7 @@ when it goes, the build fails and the JIT remains.
 from __future__ import annotations
 
 import argparse
+import contextlib
 import hashlib
 import importlib.machinery
 import importlib.util
@@ -36,7 +37,7 @@ import sysconfig
 import tempfile
 import time
 import warnings
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
 from pathlib import Path
 from types import ModuleType
 from typing import Any
@@ -120,6 +121,31 @@ def _module_path(directory: Path) -> Path:
     return directory / (MODULE + (sysconfig.get_config_var("EXT_SUFFIX") or ".so"))
 
 
+@contextlib.contextmanager
+def _releasing_the_gil() -> Iterator[None]:
+    """Make pycc's Python wrappers release the GIL around each call, as ``nogil=True``
+    makes the JIT's: the statistics engine reads the next case on a thread while the
+    kernel runs (`pipeline.stats_runner.run_jobs`). pycc has no option for it; it builds
+    its wrappers with compiler flags made by ``numba.pycc.compiler.Flags()``, whose
+    ``release_gil`` option is the one ``nogil`` sets, so the build swaps in flags with it
+    on. The kernels touch no Python object (nopython mode), so they may run without the
+    GIL; a test checks that a second thread runs while the built kernel does."""
+    from numba.pycc import compiler
+
+    original = compiler.Flags
+
+    class Flags(original):  # type: ignore[misc, valid-type]
+        def __init__(self, *args: Any, **kwargs: Any) -> None:
+            super().__init__(*args, **kwargs)
+            self.release_gil = True
+
+    compiler.Flags = Flags
+    try:
+        yield
+    finally:
+        compiler.Flags = original
+
+
 def build(directory: Path | None = None) -> Path:
     """Compile the kernels into ``directory`` (default: beside this module); returns the
     module's path. The module and then its stamp replace the old ones, so a reader sees
@@ -149,7 +175,7 @@ def build(directory: Path | None = None) -> Path:
         for name, (func, signature) in exports().items():
             cc.export(name, signature)(func.py_func)
         try:
-            with warnings.catch_warnings():
+            with warnings.catch_warnings(), _releasing_the_gil():
                 warnings.simplefilter("ignore")
                 cc.compile()
         except Exception as exc:  # distutils / the C compiler: say what failed

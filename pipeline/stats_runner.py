@@ -31,6 +31,7 @@ scheduler (``tcp://host:8786``).
 from __future__ import annotations
 
 import contextlib
+import dataclasses
 import json
 import logging
 import math
@@ -211,6 +212,9 @@ class StatsPlan:
     reused : mapping of str to CasePartials
         The persisted partials that are current (content hash and engine fingerprint
         match), already read; by case id, in store order.
+    pending : tuple of str
+        Cases whose persisted partials are current but not read yet (``plan_stats(...,
+        defer_reused=True)``; `read_reused` reads them).
     """
 
     store_url: str
@@ -219,6 +223,7 @@ class StatsPlan:
     records: Mapping[str, CaseRecord]
     jobs: tuple[StatsJob, ...]
     reused: Mapping[str, CasePartials]
+    pending: tuple[str, ...] = ()
 
     @property
     def computed_ids(self) -> list[str]:
@@ -232,7 +237,7 @@ class StatsPlan:
 
 
 def plan_stats(store: DatasetStore, *, recompute: bool = False,
-               bins: int = DEFAULT_BINS) -> StatsPlan:
+               bins: int = DEFAULT_BINS, defer_reused: bool = False) -> StatsPlan:
     """Plan the statistics of a dataset: engine configuration, reuse, jobs.
 
     Reads the case records once, the attributes of each persisted partial, and the
@@ -246,6 +251,9 @@ def plan_stats(store: DatasetStore, *, recompute: bool = False,
         Compute every case, ignoring the persisted partials.
     bins : int
         Histogram bins per channel.
+    defer_reused : bool
+        True leaves the current partials unread (``pending``), so that a caller can
+        start the jobs first and read them meanwhile (`read_reused`).
 
     Raises
     ------
@@ -268,17 +276,36 @@ def plan_stats(store: DatasetStore, *, recompute: bool = False,
     config = engine_config(store, bins=bins, records=records)
     fingerprint = config.fingerprint()
     options = dict(store.storage_options) or None
-    reused: dict[str, CasePartials] = {}
+    pending: list[str] = []
     jobs: list[StatsJob] = []
     for cid, rec in records.items():
-        current = not recompute and store.partials_current(cid, rec.content_hash, fingerprint)
-        cached = load_persisted(store, cid, rec.content_hash, fingerprint) if current else None
+        if not recompute and store.partials_current(cid, rec.content_hash, fingerprint):
+            pending.append(cid)
+        else:
+            jobs.append(StatsJob(store.url, store.dataset, rec, config, options))
+    plan = StatsPlan(store_url=store.url, dataset=store.dataset, config=config,
+                     records=records, jobs=tuple(jobs), reused={}, pending=tuple(pending))
+    return plan if defer_reused else read_reused(store, plan)
+
+
+def read_reused(store: DatasetStore, plan: StatsPlan) -> StatsPlan:
+    """The plan with its ``pending`` partials read into ``reused``; a partial that cannot
+    be read, or names another case, content or engine (`load_persisted`), becomes a job
+    (after the plan's own, which a caller may have started already)."""
+    fingerprint = plan.config.fingerprint()
+    options = dict(store.storage_options) or None
+    reused = dict(plan.reused)
+    late: list[StatsJob] = []
+    for cid in plan.pending:
+        rec = plan.records[cid]
+        cached = load_persisted(store, cid, rec.content_hash, fingerprint)
         if cached is not None:
             reused[cid] = cached
         else:
-            jobs.append(StatsJob(store.url, store.dataset, rec, config, options))
-    return StatsPlan(store_url=store.url, dataset=store.dataset, config=config,
-                     records=records, jobs=tuple(jobs), reused=reused)
+            late.append(StatsJob(store.url, store.dataset, rec, plan.config, options))
+    order = {cid: i for i, cid in enumerate(plan.records)}
+    reused = dict(sorted(reused.items(), key=lambda kv: order[kv[0]]))
+    return dataclasses.replace(plan, jobs=plan.jobs + tuple(late), reused=reused, pending=())
 
 
 def merge_stats(store: DatasetStore, plan: StatsPlan,
@@ -437,6 +464,10 @@ def choose_scheduler(scheduler: str | None, n_jobs: int, voxels_per_job: int,
     return "synchronous" if (cores or available_cores()) <= IN_PROCESS_CORES else None
 
 
+#: Schedulers that `run_jobs` runs in this process (its three-stage pipeline).
+_IN_PROCESS = frozenset({"synchronous", "threads", "sync", "single-threaded"})
+
+
 def run_jobs(jobs: Sequence[StatsJob], scheduler: str | None = "synchronous",
              on_done: Callable[[str], None] | None = None) -> list[CasePartials]:
     """Run statistics jobs with a scheduler (see module notes); results in finishing order.
@@ -448,7 +479,7 @@ def run_jobs(jobs: Sequence[StatsJob], scheduler: str | None = "synchronous",
     """
     if not jobs:
         return []
-    if scheduler in ("synchronous", "threads", "sync", "single-threaded"):
+    if scheduler in _IN_PROCESS:
         # One case at a time in three stages: the next case is read while this one is
         # reduced and the previous one's partials are written. Decompression (blosc) and
         # the fused kernel (numba, nogil) release the GIL, so on two cores they overlap.
@@ -529,13 +560,29 @@ def run_stats(store_url: str, dataset: str, *, scheduler: str | None = None,
     with (writer_lease(store_url, dataset, wait=wait, storage_options=storage_options)
           if lease else contextlib.nullcontext()):
         store = DatasetStore.open(store_url, dataset, storage_options=storage_options)
-        plan = plan_stats(store, recompute=recompute, bins=bins)
+        plan = plan_stats(store, recompute=recompute, bins=bins, defer_reused=True)
         if on_start:
-            on_start(len(plan.jobs), len(plan.reused))
+            on_start(len(plan.jobs), len(plan.pending))
         voxels = len(store.channels) * math.prod(store.grid.zyx)
         chosen = choose_scheduler(scheduler, len(plan.jobs), voxels)
         log.info("statistics of %d cases on scheduler %s", len(plan.jobs), chosen or "local")
-        computed = run_jobs(plan.jobs, chosen, on_done)
+        planned = len(plan.jobs)
+        # In-process, the new cases are computed on a thread while this one reads the
+        # other cases' stored partials (reading and the kernel release the GIL): adding
+        # a case to a dataset then costs about that case, not the case plus reading
+        # every other case's partials.
+        ahead = plan.jobs if chosen in _IN_PROCESS and plan.pending else ()
+        computed: list[CasePartials] = []
+        if ahead:
+            with ThreadPoolExecutor(1, thread_name_prefix="xrai-jobs") as pool:
+                running = pool.submit(run_jobs, ahead, chosen, on_done)
+                plan = read_reused(store, plan)
+                computed = running.result()
+        else:
+            plan = read_reused(store, plan)
+        if len(plan.jobs) != planned and on_start:  # stored partials that could not be read
+            on_start(len(plan.jobs), len(plan.reused))
+        computed += run_jobs(plan.jobs[len(ahead):], chosen, on_done)
         return merge_stats(store, plan, computed)
 
 

@@ -247,3 +247,44 @@ def test_the_kernels_give_the_same_partials_in_both_forms(
     for code in here.codes:
         h, t = here.histograms["identity"][code], there.histograms["identity"][code]
         np.testing.assert_array_equal(h.counts, t.counts)
+
+
+def test_the_built_kernels_release_the_gil(built: Path) -> None:
+    """As numba's ``nogil=True``: while the built kernel runs, another Python thread runs
+    too (the engine reads the next case meanwhile). Held, the GIL would stall that
+    thread for the whole call; released, its longest stall is scheduling noise."""
+    import threading
+    import time
+
+    mod = module(built)
+    rng = np.random.default_rng(9)
+    n = 20_000_000
+    values = rng.gamma(2.0, 100.0, n).astype(np.float32)
+    codes = np.ones(n, np.uint8)
+    args = (values, codes, codes.view(np.uint64), 2, np.array([0, 1, 3], np.int64),
+            np.array([0.0, 1.0, 3000.0]), 0.0, 3000.0, np.arange(65, dtype=np.float64) * 64.0,
+            0, 4096)
+    stall = [0.0]  # the other thread's longest gap between two of its iterations
+    running = threading.Event()
+    stop = threading.Event()
+
+    def other() -> None:
+        last = time.perf_counter()
+        running.set()
+        while not stop.is_set():
+            now = time.perf_counter()
+            stall[0] = max(stall[0], now - last)
+            last = now
+
+    thread = threading.Thread(target=other)
+    thread.start()
+    running.wait()
+    time.sleep(0.01)
+    stall[0] = 0.0
+    t0 = time.perf_counter()
+    mod.fused_f32(*args)
+    took = time.perf_counter() - t0
+    stop.set()
+    thread.join()
+    assert took > 0.05  # long enough for the check to mean something
+    assert stall[0] < took / 2, (stall[0], took)

@@ -14,6 +14,7 @@ from pipeline.stats_runner import (
     StatsPlan,
     merge_stats,
     plan_stats,
+    read_reused,
     read_stats,
     run_stats,
     write_stats,
@@ -251,6 +252,69 @@ class TestIssue12StageFunctions:
         plan = plan_stats(DatasetStore.open(url, "ds"))
         assert plan.computed_ids == ["c1"]
         assert plan.reused_ids == ["c0", "c2"]
+
+    def test_new_cases_are_computed_while_the_stored_partials_are_read(
+            self, store_with_cases, monkeypatch):
+        """run_stats starts the new case's job before reading the other cases' stored
+        partials (both then run at once), and a stored partial found unreadable on the
+        way becomes a job too: the statistics equal a full recompute's."""
+        import threading
+
+        url, store, cases = store_with_cases
+        run_stats(url, "ds", scheduler="synchronous")
+        new = _make_case(np.random.default_rng(98), 2.5)
+        for c in range(len(CHANNELS)):  # the channels' maxima, so the same engine config
+            new["image"][c] = np.minimum(new["image"][c],
+                                         min(a["image"][c].max() for a in cases.values()))
+        _commit(store, "c3", new, "hash-c3")
+        writable = DatasetStore.open(url, "ds", writable=True)
+        fingerprint = plan_stats(writable, recompute=True).config.fingerprint()
+        writable.write_partials("c1", b"not zlib", content_hash="hash-c1",
+                                fingerprint=fingerprint)
+        job_started = threading.Event()
+        events: list[str] = []
+        original_compute = StatsJob.compute
+
+        def compute(self, arrays, **kwargs):
+            events.append(f"compute {self.case_id}")
+            job_started.set()
+            return original_compute(self, arrays, **kwargs)
+
+        from pipeline import stats_runner
+
+        original_load = stats_runner.load_persisted
+
+        def load(store_, cid, *args, **kwargs):
+            assert job_started.wait(30), "the new case's job did not start first"
+            events.append(f"load {cid}")
+            return original_load(store_, cid, *args, **kwargs)
+
+        monkeypatch.setattr(StatsJob, "compute", compute)
+        monkeypatch.setattr(stats_runner, "load_persisted", load)
+        starts, done = [], []
+        got = run_stats(url, "ds", scheduler="synchronous", on_done=done.append,
+                        on_start=lambda todo, reused: starts.append((todo, reused)))
+        assert events[0] == "compute c3"
+        assert sorted(e for e in events if e.startswith("load")) == ["load c0", "load c1",
+                                                                    "load c2"]
+        assert events[-1] == "compute c1"  # unreadable: computed after the others
+        assert starts == [(1, 3), (2, 2)]
+        assert done == ["c3", "c1"]
+        monkeypatch.undo()
+        full = run_stats(url, "ds", scheduler="synchronous", recompute=True)
+        assert _canonical(got) == _canonical(full)
+
+    def test_deferred_plan_reads_the_same_partials(self, store_with_cases):
+        url, _, _ = store_with_cases
+        run_stats(url, "ds", scheduler="synchronous")
+        store = DatasetStore.open(url, "ds")
+        deferred = plan_stats(store, defer_reused=True)
+        assert (deferred.pending, deferred.reused_ids) == (("c0", "c1", "c2"), [])
+        read = read_reused(store, deferred)
+        plan = plan_stats(store)
+        assert read.pending == ()
+        assert read.reused_ids == plan.reused_ids == ["c0", "c1", "c2"]
+        assert read.jobs == plan.jobs == ()
 
     def test_merge_refuses_results_that_are_not_the_plans(self, store_with_cases):
         url, _, _ = store_with_cases
