@@ -166,16 +166,19 @@ def case_bytes(url: str, dataset: str) -> float:
 def in_process(url: str, dataset: str, repeats: int) -> dict[str, float]:
     """Median seconds per case of the read floor and of one statistics job (wall), and
     the job's CPU seconds (all the process's threads: zarr decodes a case's chunks on
-    several)."""
+    several). The reads and the jobs take turns over different cases, each case read
+    once, as a worker reads it (a job right after reading its own case would find it
+    warm, and flatter the model)."""
     from pipeline.stats_runner import plan_stats
     from pipeline.store import DatasetStore
 
     store = DatasetStore.open(url, dataset, writable=True)
     plan = plan_stats(store, recompute=True)
     reads, cases, cpus = [], [], []
-    for job in plan.jobs[:repeats]:
+    jobs = plan.jobs[: 2 * repeats]
+    for read_job, job in zip(jobs[0::2], jobs[1::2], strict=False):
         t0 = time.perf_counter()
-        store.read_case(job.case_id)
+        store.read_case(read_job.case_id)
         reads.append(time.perf_counter() - t0)
         t0, c0 = time.perf_counter(), time.process_time()
         job.run()  # persisting included, as on a worker
@@ -207,10 +210,13 @@ def main() -> None:
     parser = argparse.ArgumentParser(description="scaling model of the statistics stage")
     parser.add_argument("--cases", type=int, default=16)
     parser.add_argument("--workdir", type=Path, default=Path(".bench/stats"))
-    parser.add_argument("--repeats", type=int, default=16, help="cases timed in process")
+    parser.add_argument("--repeats", type=int, default=16, help="cases read, and as many computed, in process (other cases each)")
     parser.add_argument("--write-doc", type=Path, default=None,
                         help="write the scaling document (docs/scaling.md) from this run")
     args = parser.parse_args()
+    from pipeline.malloc import tune_this_process
+
+    tune_this_process()  # in-process as the workers run: with the allocator settings
     url, _ = _prepare(args.workdir, args.cases)
     dataset = "bench16"
     cores = os.cpu_count() or 1

@@ -1,10 +1,11 @@
-"""The statistics kernels compiled ahead of time (issue 14): ``python -m pipeline.aot``.
+"""The compiled kernels built ahead of time (issue 14): ``python -m pipeline.aot``.
 
-numba's just-in-time kernels (`stats.fused_kernels`) cost every process 0.4-0.6 s before
-their first call, even when numba's cache holds their machine code: importing numba,
-filling its typing registries, importing scipy.linalg for its BLAS check. That is 5-10
-times the work of one 4 x 240x240x155 case, so a run that adds one case to a dataset
-spent most of its time there. ``numba.pycc`` compiles the same functions (the same
+The kernels are the statistics engine's (`stats.fused_kernels`) and the ingest's scan of
+the resampled channels (`pipeline.standardize_kernels`). Just in time, they cost every
+process 0.4-0.6 s before their first call, even when numba's cache holds their machine
+code: importing numba, filling its typing registries, importing scipy.linalg for its
+BLAS check. That is 5-10 times the work of one 4 x 240x240x155 case, so a run that
+adds one case to a dataset spent most of its time there. ``numba.pycc`` compiles the same functions (the same
 source, through the same LLVM, for this machine's CPU) into an extension module that
 imports in under a millisecond and does not load numba; its results equal the JIT's bit
 for bit (tested).
@@ -59,7 +60,8 @@ MODULE = "_fused_aot"
 STAMP = MODULE + ".json"
 #: Where the module goes: the stats package, beside the kernels' sources.
 _HERE = Path(stats.__file__).resolve().parent
-#: The sources the module is compiled from (the kernels and the constants they import).
+#: The sources the module is compiled from (the kernels, and `stats.fused`, whose
+#: constants they import).
 _SOURCES = (_HERE / "fused_kernels.py", _HERE / "fused.py",
             Path(__file__).resolve().parent / "standardize_kernels.py")
 
