@@ -189,21 +189,36 @@ def in_process(url: str, dataset: str, repeats: int) -> dict[str, float]:
 
 
 def cluster_run(url: str, dataset: str, workers: int, *, tuned: bool = True) -> dict[str, float]:
-    """Start a cluster of ``workers``, warm it with one pass, time a second full pass."""
+    """Start a cluster of ``workers``, warm it with one pass, time a second full pass.
+
+    ``run_jobs`` connects a client of its own to the scheduler (as ``xrai stats
+    --scheduler`` does, once a call); that connection is timed apart (``connect``,
+    median of 3) and taken out of ``wall``: it is part of a call's start, not of its
+    cases.
+    """
+    from distributed import Client
+
     from pipeline.stats_runner import plan_stats, run_jobs
     from pipeline.store import DatasetStore
 
     plan = plan_stats(DatasetStore.open(url, dataset), recompute=True)
     cluster = Cluster(workers, tuned=tuned)
     try:
-        run_jobs(plan.jobs[:workers], cluster.address)  # imports, numba cache, page cache
+        run_jobs(plan.jobs[:workers], cluster.address)  # imports, page cache
         task = task_overhead(cluster)
+        connects = []
+        for _ in range(3):
+            t0 = time.perf_counter()
+            Client(cluster.address).close()
+            connects.append(time.perf_counter() - t0)
+        connect = statistics.median(connects)
         t0 = time.perf_counter()
         run_jobs(plan.jobs, cluster.address)
-        wall = time.perf_counter() - t0
+        wall = time.perf_counter() - t0 - connect
     finally:
         cluster.close()
-    return {"start": cluster.start_s, "task": task, "wall": wall, "n": len(plan.jobs)}
+    return {"start": cluster.start_s, "task": task, "wall": wall, "n": len(plan.jobs),
+            "connect": connect}
 
 
 def main() -> None:
@@ -237,7 +252,8 @@ def main() -> None:
     for w, r in runs.items():
         predicted = model(r["n"], w, cores, one["case"], one["cpu"], r["task"])
         rows.append((w, r["start"], r["task"], r["wall"], predicted))
-        print(f"{w} worker(s): start {r['start']:.1f} s, task overhead {r['task'] * 1e3:.2f} ms, "
+        print(f"{w} worker(s): start {r['start']:.1f} s, client connection {r['connect']:.2f} s, "
+              f"task overhead {r['task'] * 1e3:.2f} ms, "
               f"{r['n']} cases in {r['wall']:.2f} s, model {predicted:.2f} s "
               f"(measured/model {r['wall'] / predicted:.2f})", flush=True)
     s3 = s3_read_ratio(args.workdir)

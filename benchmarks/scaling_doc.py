@@ -30,6 +30,7 @@ def render(result: dict[str, Any], *, corpus: int) -> str:
     cpu = one.get("cpu", case)
     task = max(c["task"] for c in clusters.values())
     start = max(c["start"] for c in clusters.values())
+    connect = max(c.get("connect", 0.0) for c in clusters.values())
     lines = [
         "# Scaling the statistics stage",
         "",
@@ -53,11 +54,13 @@ def render(result: dict[str, Any], *, corpus: int) -> str:
         f"| `cpu` | {cpu * 1e3:.0f} ms | the CPU time of that job, all threads |",
         f"| `task` | {task * 1e3:.2f} ms | scheduler overhead per task, 400 empty tasks |",
         f"| `start` | {start:.1f} s | `dask scheduler` + workers from spawn to ready |",
+        f"| `connect` | {connect:.2f} s | a client connecting to the scheduler, once a call "
+        "(`xrai stats --scheduler tcp://...`); part of a call's start |",
         "",
         "## Checked against a real cluster",
         "",
         "A `dask scheduler` and W `dask worker` processes (one thread each) on loopback, warm",
-        "(one pass first), all 16 cases:",
+        "(one pass first), all 16 cases, less the client's connection:",
         "",
         "| workers | measured | model (without start) | measured / model |",
         "|---|---|---|---|",
