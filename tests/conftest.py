@@ -72,3 +72,18 @@ def peak_bytes(fn: Callable[[], object]) -> int:
         peak = tracemalloc.get_traced_memory()[1]
         tracemalloc.stop()
     return peak
+
+
+#: Python lines that define ``arrays`` (one small two-channel case) and ``config`` (its
+#: engine configuration), for tests that compute a case's partials in a fresh process.
+ENGINE_CASE_CODE = """
+import numpy as np
+from stats.dataset import N_CODES, EngineConfig
+rng = np.random.default_rng(3)
+image = rng.gamma(2.0, 50.0, size=(2, 16, 17, 18)).astype(np.float32)
+label = rng.integers(0, N_CODES - 1, size=(16, 17, 18)).astype(np.uint8)
+arrays = {"image": image, "label": label, "brain": np.ones((16, 17, 18), bool),
+          "annotated": np.ones(16, bool)}
+config = EngineConfig(channels=("t1", "t2"), upper={"t1": 1000.0, "t2": 1000.0},
+                      voxel_ml=0.001, bins=64, scale={"t1": 900.0, "t2": 900.0})
+"""

@@ -19,6 +19,7 @@ from scipy import ndimage
 from pipeline import aot
 from stats import fused
 from stats.transforms import arcsin_sqrt, ln
+from tests.conftest import ENGINE_CASE_CODE
 
 pytestmark = pytest.mark.skipif(not fused.available(), reason="numba is not importable")
 ROOT = Path(__file__).resolve().parents[1]
@@ -198,20 +199,12 @@ def test_a_case_is_computed_without_numba_or_scipy_ndimage() -> None:
     """What the build is for: with it installed (as the statistics stages do), a process
     computes a case's partials (the engine's path: codes, kernel, label statistics with
     components) without importing numba's compiler or scipy.ndimage."""
-    code = """
+    code = ENGINE_CASE_CODE + """
 import sys
-import numpy as np
 from pipeline import aot
-from stats.dataset import N_CODES, EngineConfig, case_partials, prepare
+from stats.dataset import case_partials, prepare
 assert aot.install()[0] is not None
 prepare()
-rng = np.random.default_rng(3)
-image = rng.gamma(2.0, 50.0, size=(2, 16, 17, 18)).astype(np.float32)
-label = rng.integers(0, N_CODES - 1, size=(16, 17, 18)).astype(np.uint8)
-arrays = {"image": image, "label": label, "brain": np.ones((16, 17, 18), bool),
-          "annotated": np.ones(16, bool)}
-config = EngineConfig(channels=("t1", "t2"), upper={"t1": 1000.0, "t2": 1000.0},
-                      voxel_ml=0.001, bins=64, scale={"t1": 900.0, "t2": 900.0})
 p = case_partials("c", "h", arrays, config)
 assert p.labels.components > 0
 print(sorted(m for m in ("numba", "llvmlite", "scipy.ndimage") if m in sys.modules))

@@ -29,6 +29,7 @@ from stats.histogram import HistogramPartial, fixed_edges
 from stats.kernels import IDENTITY, region_partials
 from stats.moments import MomentPartial, kurtosis_from_partial, skew_from_partial, variance
 from stats.transforms import arcsin_sqrt, ln
+from tests.conftest import ENGINE_CASE_CODE
 
 needs_numba = pytest.mark.skipif(not fused.available(), reason="numba is not importable")
 
@@ -438,18 +439,11 @@ def test_warm_up_loads_the_code_the_engine_then_runs() -> None:
     volumes, uint8 codes, the engine's candidates): in a fresh process (no earlier call
     has compiled anything), the real call after it adds no signature (the JIT form)."""
     code = """
-import numpy as np
 from stats import fused, fused_kernels as k
-from stats.dataset import N_CODES, EngineConfig, case_partials
 fused.warm_up()
 before = [len(f.signatures) for f in (k._fused, k._codes, k._slices, k._components)]
-rng = np.random.default_rng(3)
-image = rng.gamma(2.0, 50.0, size=(2, 6, 7, 8)).astype(np.float32)
-label = rng.integers(0, N_CODES - 1, size=(6, 7, 8)).astype(np.uint8)
-arrays = {"image": image, "label": label, "brain": np.ones((6, 7, 8), bool),
-          "annotated": np.ones(6, bool)}
-config = EngineConfig(channels=("t1", "t2"), upper={"t1": 1000.0, "t2": 1000.0},
-                      voxel_ml=0.001, bins=64, scale={"t1": 900.0, "t2": 900.0})
+""" + ENGINE_CASE_CODE + """
+from stats.dataset import case_partials
 case_partials("c", "h", arrays, config)
 print(before == [len(f.signatures) for f in (k._fused, k._codes, k._slices, k._components)],
       before)
