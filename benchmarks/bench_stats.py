@@ -219,13 +219,14 @@ def _cli_store(work: Path, shape: tuple[int, int, int], n: int) -> tuple[str, li
     return url, cases
 
 
-def _stage_profile(url: str, dataset: str, repeats: int = 3) -> dict[str, float]:
+def _stage_profile(url: str, dataset: str) -> dict[str, float]:
     """Where the time of ``xrai stats`` goes per case, stage by stage (issue 14).
 
     In this process, each case's stages run one after the other and are timed alone
-    (wall and the process's CPU, all threads; best of ``repeats`` per case, summed over cases): the
-    read (`StatsJob.read`), the region codes, the fused kernel over the channels, the
-    label statistics, the partials' encoding and their write. Then the pipelined run as
+    (wall and the process's CPU, all threads; the median over the cases, each case read
+    once, as a run reads it: re-reading a case at once finds it warm and flatters every
+    stage): the read (`StatsJob.read`), the region codes, the fused kernel over the
+    channels, the label statistics, the partials' encoding and their write. Then the pipelined run as
     the command runs it (`run_jobs`, in-process: read-ahead and write-behind threads), and
     what two perfectly shared cores would allow, ``max(read, sum / 2)``.
     """
@@ -241,8 +242,6 @@ def _stage_profile(url: str, dataset: str, repeats: int = 3) -> dict[str, float]
     run_jobs(plan.jobs[:1])  # warm-up
     rows = ("read (decompress every chunk)", "region codes", "fused kernel (all channels)",
             "label statistics", "encode partials (JSON + zlib)", "write partials")
-    best: dict[str, float] = dict.fromkeys(rows, 0.0)
-    cpu_best: dict[str, float] = dict.fromkeys(rows, 0.0)
     originals = {name: getattr(sd, name) for name in ("region_codes", "_channel_partials",
                                                        "label_stats")}
     row_of = {"region_codes": rows[1], "_channel_partials": rows[2], "label_stats": rows[3]}
@@ -267,47 +266,43 @@ def _stage_profile(url: str, dataset: str, repeats: int = 3) -> dict[str, float]
                 a[1] += c2 - c
         return wrapper
 
-    for job in plan.jobs:
-        times: dict[str, list[tuple[float, float]]] = {r: [] for r in rows}
-        for _ in range(repeats):
-            w, c = clocks()
-            arrays = job.read()
-            w2, c2 = clocks()
-            times[rows[0]].append((w2 - w, c2 - c))
-            acc.clear()
-            for name in originals:
-                setattr(sd, name, timer(name))
-            try:
-                partials = sd.case_partials(job.case_id, job.content_hash, arrays, job.config)
-            finally:
-                for name, fn in originals.items():
-                    setattr(sd, name, fn)
-            for row, (aw, ac) in acc.items():
-                times[row].append((aw, ac))
-            del arrays
-            w, c = clocks()
-            blob = encode_partials(partials)
-            w2, c2 = clocks()
-            store.write_partials(job.case_id, blob, content_hash=partials.content_hash,
-                                 fingerprint=partials.config)
-            w3, c3 = clocks()
-            times[rows[4]].append((w2 - w, c2 - c))
-            times[rows[5]].append((w3 - w2, c3 - c2))
-        for row in rows:
-            if times[row]:
-                best[row] += min(t[0] for t in times[row])
-                cpu_best[row] += min(t[1] for t in times[row])
+    times: dict[str, list[tuple[float, float]]] = {r: [] for r in rows}
+    for job in plan.jobs[1:]:  # the first was read by the warm-up
+        w, c = clocks()
+        arrays = job.read()
+        w2, c2 = clocks()
+        times[rows[0]].append((w2 - w, c2 - c))
+        acc.clear()
+        for name in originals:
+            setattr(sd, name, timer(name))
+        try:
+            partials = sd.case_partials(job.case_id, job.content_hash, arrays, job.config)
+        finally:
+            for name, fn in originals.items():
+                setattr(sd, name, fn)
+        for row, (aw, ac) in acc.items():
+            times[row].append((aw, ac))
+        del arrays
+        w, c = clocks()
+        blob = encode_partials(partials)
+        w2, c2 = clocks()
+        store.write_partials(job.case_id, blob, content_hash=partials.content_hash,
+                             fingerprint=partials.config)
+        w3, c3 = clocks()
+        times[rows[4]].append((w2 - w, c2 - c))
+        times[rows[5]].append((w3 - w2, c3 - c2))
     n = len(plan.jobs)
     w = time.perf_counter()
     run_jobs(plan.jobs)
     pipelined = (time.perf_counter() - w) / n
-    per = {row: best[row] / n for row in rows}
+    per = {row: statistics.median(t[0] for t in times[row]) for row in rows}
+    cpu = {row: statistics.median(t[1] for t in times[row]) for row in rows}
     read = per[rows[0]]
     total = sum(per.values())
-    print(f"  where the time goes, per case, each stage alone (best of {repeats}; ms wall / "
-          f"ms CPU of the process):")
+    print(f"  where the time goes, per case, each stage alone (medians over {n - 1} cases, "
+          f"each read once; ms wall / ms CPU of the process):")
     for row in rows:
-        print(f"    {row:32s} {per[row] * 1e3:7.1f} {cpu_best[row] / n * 1e3:7.1f}")
+        print(f"    {row:32s} {per[row] * 1e3:7.1f} {cpu[row] * 1e3:7.1f}")
     print(f"    {'sum of the stages':32s} {total * 1e3:7.1f}  = {total / read:.2f}x the read")
     print(f"    {'pipelined, as xrai stats runs':32s} {pipelined * 1e3:7.1f}  = "
           f"{pipelined / read:.2f}x the read; two perfectly shared cores would allow "
