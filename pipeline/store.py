@@ -414,13 +414,20 @@ class DatasetStore:
                     "quarantine": self.quarantined()}
         return ds
 
-    def _chunk_keys(self, slot: int) -> dict[str, tuple[zarr.Array, tuple[int, ...], str]]:
-        """Each chunk of a case: name -> (array, selection, store key); one chunk each."""
+    def _case_arrays(self) -> dict[str, zarr.Array]:
+        """The per-case arrays, opened (each open reads the array's metadata)."""
+        return {name: self._group[name] for name in ("image", "label", "brain", "annotated")}  # type: ignore[misc]
+
+    def _chunk_keys(self, slot: int, arrays: Mapping[str, zarr.Array] | None = None
+                    ) -> dict[str, tuple[zarr.Array, tuple[int, ...], str]]:
+        """Each chunk of a case: name -> (array, selection, store key); one chunk each.
+        ``arrays``: `_case_arrays`, opened once for many cases."""
+        arrays = arrays or self._case_arrays()
         out: dict[str, tuple[zarr.Array, tuple[int, ...]]] = {}
         for ci, ch in enumerate(self.channels):
-            out[f"image/{ch}"] = (self._group["image"], (slot, ci))  # type: ignore[assignment]
+            out[f"image/{ch}"] = (arrays["image"], (slot, ci))
         for name in ("label", "brain", "annotated"):
-            out[name] = (self._group[name], (slot,))  # type: ignore[assignment]
+            out[name] = (arrays[name], (slot,))
         return {name: (arr, sel, self._key(arr, sel)) for name, (arr, sel) in out.items()}
 
     @staticmethod
@@ -435,8 +442,9 @@ class DatasetStore:
         Only cases committed with checksums are checked: older stores did not write
         chunks equal to the fill value, so an absent chunk there may be a legitimate zero.
         """
+        arrays = self._case_arrays()
         wanted = [(rec.case_id, key) for rec in records if "checksums" in rec.attrs
-                  for _, _, key in self._chunk_keys(rec.slot).values()]
+                  for _, _, key in self._chunk_keys(rec.slot, arrays).values()]
         absent = set(self._absent([key for _, key in wanted]))
         out: dict[str, list[str]] = {}
         for cid, key in wanted:

@@ -109,13 +109,19 @@ class MomentPartial:
     maximum: float = -math.inf
 
     def __post_init__(self) -> None:
-        if isinstance(self.n, bool) or not isinstance(self.n, numbers.Integral):
-            raise TypeError(f"MomentPartial.n must be an integer, got {self.n!r}")
+        # Exact int and float pass at once (a dataset's merge builds thousands of these;
+        # the abstract-class checks below took most of its time); anything else is
+        # checked and converted.
+        if type(self.n) is not int:
+            if isinstance(self.n, bool) or not isinstance(self.n, numbers.Integral):
+                raise TypeError(f"MomentPartial.n must be an integer, got {self.n!r}")
+            object.__setattr__(self, "n", int(self.n))
         if self.n < 0:
             raise ValueError(f"MomentPartial.n must be >= 0, got {self.n!r}")
-        object.__setattr__(self, "n", int(self.n))
         for name in _FIELDS[1:]:
             value = getattr(self, name)
+            if type(value) is float:
+                continue
             if isinstance(value, bool) or not isinstance(value, numbers.Real):
                 raise TypeError(f"MomentPartial.{name} must be a real number, got {value!r}")
             object.__setattr__(self, name, float(value))
@@ -182,6 +188,8 @@ def _encode_float(value: float) -> float | str:
 
 
 def _decode_float(name: str, value: Any) -> float:
+    if type(value) is float:  # what JSON gives, at once
+        return value
     if isinstance(value, str) and value in ("inf", "-inf", "nan"):
         return float(value)
     if isinstance(value, bool) or not isinstance(value, numbers.Real):

@@ -67,6 +67,21 @@ class TestCounts:
         assert merge(merge(parts[0], parts[1]), merge(parts[2], parts[3])) == whole
         assert merge(parts[3], parts[0]) == merge(parts[0], parts[3])
 
+    def test_merge_result_is_what_the_constructor_makes(self) -> None:
+        """`merge` builds its result without the constructor's checks: the same
+        histogram as a checked one, read-only, sharing no counts with its inputs."""
+        e = fixed_edges(0, 10, 8)
+        a = HistogramPartial.from_values([1.0, 2.0, 2.5, -1.0, np.nan], e)
+        b = HistogramPartial.from_values([9.5, 11.0, 2.2], e)
+        m = merge(a, b)
+        checked = HistogramPartial(e, a.counts + b.counts, 1, 1, 1)
+        assert m == checked
+        assert (m.underflow, m.overflow, m.n_nan) == (1, 1, 1)
+        assert m.counts.dtype == np.int64
+        assert not m.counts.flags.writeable and not m.edges.flags.writeable
+        assert not np.shares_memory(m.counts, a.counts)
+        assert not np.shares_memory(m.counts, b.counts)
+
     def test_merge_different_edges_raises(self) -> None:
         a = HistogramPartial.empty(fixed_edges(0, 1, 4))
         b = HistogramPartial.empty(fixed_edges(0, 1, 5))
