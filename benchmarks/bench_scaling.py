@@ -72,12 +72,13 @@ class Cluster:
             time.sleep(0.05)
         # As `pipeline.stats_runner.local_cluster` does (`pipeline.malloc`): without it
         # the nanny freezes glibc's mmap threshold at 128 KiB; docs/scaling.md tells how
-        # to start workers this way.
-        # (the nanny takes these variables from its own environment before its config)
+        # to start workers this way. The variables go in the worker command's own
+        # environment: the nanny passes them on (it prefers them to its config), while
+        # DASK_DISTRIBUTED__NANNY__PRE_SPAWN_ENVIRON__... would reach the worker in
+        # lower case (Dask lower-cases configuration keys), which glibc ignores.
         env = {k: v for k, v in os.environ.items() if k not in malloc_environ()}
         if tuned:
-            env.update({f"DASK_DISTRIBUTED__NANNY__PRE_SPAWN_ENVIRON__{key}": value
-                        for key, value in malloc_environ().items()})
+            env.update(malloc_environ())
         self.procs += [subprocess.Popen([_DASK, "worker", self.address, "--nworkers", "1",
                                          "--nthreads", "1", "--no-dashboard"], env=env, **quiet)
                        for _ in range(workers)]
@@ -188,8 +189,10 @@ def in_process(url: str, dataset: str, repeats: int) -> dict[str, float]:
             "cpu": statistics.median(cpus)}
 
 
-def cluster_run(url: str, dataset: str, workers: int, *, tuned: bool = True) -> dict[str, float]:
-    """Start a cluster of ``workers``, warm it with one pass, time a second full pass.
+def cluster_run(url: str, dataset: str, workers: int, *, tuned: bool = True,
+                passes: int = 3) -> dict[str, float]:
+    """Start a cluster of ``workers``, warm it with one pass, time ``passes`` full passes
+    (the median: one pass of a few seconds on this shared machine varies by tens of %).
 
     ``run_jobs`` connects a client of its own to the scheduler (as ``xrai stats
     --scheduler`` does, once a call); that connection is timed apart (``connect``,
@@ -212,9 +215,12 @@ def cluster_run(url: str, dataset: str, workers: int, *, tuned: bool = True) -> 
             Client(cluster.address).close()
             connects.append(time.perf_counter() - t0)
         connect = statistics.median(connects)
-        t0 = time.perf_counter()
-        run_jobs(plan.jobs, cluster.address)
-        wall = time.perf_counter() - t0 - connect
+        walls = []
+        for _ in range(passes):
+            t0 = time.perf_counter()
+            run_jobs(plan.jobs, cluster.address)
+            walls.append(time.perf_counter() - t0 - connect)
+        wall = statistics.median(walls)
     finally:
         cluster.close()
     return {"start": cluster.start_s, "task": task, "wall": wall, "n": len(plan.jobs),

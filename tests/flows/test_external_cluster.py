@@ -9,6 +9,7 @@ case order whatever the order the workers finish in).
 from __future__ import annotations
 
 import json
+import os
 import socket
 import subprocess
 import sys
@@ -20,6 +21,7 @@ import pytest
 
 from flows.config import DaskOptions
 from pipeline.ingest import ingest
+from pipeline.malloc import environ as malloc_environ
 from pipeline.sources.phantom import write_phantom
 from pipeline.stats_runner import run_stats
 from pipeline.store import Grid
@@ -52,11 +54,15 @@ def scheduler(tmp_path_factory: pytest.TempPathFactory) -> Iterator[str]:
                 if s.connect_ex(("127.0.0.1", port)) == 0:
                     break
             time.sleep(0.2)
+        # as docs/scaling.md says to start them: the allocator settings in the worker
+        # command's environment
+        env = {**{k: v for k, v in os.environ.items() if k not in malloc_environ()},
+               **malloc_environ()}
         for i in range(2):
             procs.append(subprocess.Popen(
                 [_DASK, "worker", address, "--nworkers", "1", "--nthreads", "1",
                  "--no-dashboard", "--name", f"w{i}"], stdout=subprocess.DEVNULL,
-                stderr=(logs / f"worker{i}.log").open("w")))
+                stderr=(logs / f"worker{i}.log").open("w"), env=env))
         with Client(address, timeout=60) as client:
             client.wait_for_workers(2, timeout=120)
             assert len(client.scheduler_info()["workers"]) == 2
@@ -109,3 +115,16 @@ def test_stats_flow_on_an_external_cluster_equals_the_local_run(scheduler: str, 
                         recompute=True)
     assert sorted(result.computed) == sorted(local["cases"])
     assert _comparable(json.loads(out.read_text())) == _comparable(local)
+
+
+def test_workers_started_as_documented_run_with_the_allocator_settings(scheduler: str) -> None:
+    """docs/scaling.md's way of starting workers: glibc's variables reach the worker
+    processes by their own names (set through DASK_DISTRIBUTED__NANNY__PRE_SPAWN_ENVIRON__
+    they arrived lower-cased, and glibc ignored them), and the nanny does not put its own
+    trim threshold over them."""
+    from distributed import Client
+
+    with Client(scheduler, timeout=60) as client:
+        seen = client.run(lambda: {k: os.environ.get(k) for k in malloc_environ()})
+    assert len(seen) == 2
+    assert all(values == malloc_environ() for values in seen.values())

@@ -78,7 +78,8 @@ class TestCounts:
         assert m == checked
         assert (m.underflow, m.overflow, m.n_nan) == (1, 1, 1)
         assert m.counts.dtype == np.int64
-        assert not m.counts.flags.writeable and not m.edges.flags.writeable
+        assert not m.counts.flags.writeable
+        assert not m.edges.flags.writeable
         assert not np.shares_memory(m.counts, a.counts)
         assert not np.shares_memory(m.counts, b.counts)
 

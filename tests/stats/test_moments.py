@@ -364,21 +364,22 @@ class TestConstructorChecks:
 
     def test_numpy_scalars_are_converted_to_python_numbers(self):
         p = MomentPartial(np.int64(3), np.float32(1.5), np.float64(2.0), 0, 0, -1, 4)
-        assert type(p.n) is int and p.n == 3
+        assert type(p.n) is int
+        assert p.n == 3
         assert all(type(getattr(p, f)) is float
                    for f in ("mean", "m2", "m3", "m4", "minimum", "maximum"))
         assert (p.mean, p.minimum) == (1.5, -1.0)
 
     @pytest.mark.parametrize("bad", [True, 2.0, "3"])
     def test_n_must_be_an_integer(self, bad):
-        with pytest.raises(TypeError, match="MomentPartial.n must be an integer"):
+        with pytest.raises(TypeError, match=r"MomentPartial\.n must be an integer"):
             MomentPartial(bad, 0.0, 0.0, 0.0, 0.0)
 
     def test_negative_n(self):
-        with pytest.raises(ValueError, match="MomentPartial.n must be >= 0, got -1"):
+        with pytest.raises(ValueError, match=r"MomentPartial\.n must be >= 0, got -1"):
             MomentPartial(-1, 0.0, 0.0, 0.0, 0.0)
 
     @pytest.mark.parametrize("bad", [True, "1.0", None])
     def test_fields_must_be_real(self, bad):
-        with pytest.raises(TypeError, match="MomentPartial.m2 must be a real number"):
+        with pytest.raises(TypeError, match=r"MomentPartial\.m2 must be a real number"):
             MomentPartial(1, 0.0, bad, 0.0, 0.0)
