@@ -459,3 +459,19 @@ def test_persisted_partials_of_another_case_or_content_are_computed_again(store_
     fresh = run_stats(url, "ds", scheduler="synchronous", recompute=True)
     reused = run_stats(url, "ds", scheduler="synchronous")
     assert _json(reused.intensity) == _json(fresh.intensity)
+
+
+def test_in_process_jobs_say_when_each_case_is_read(store_with_cases):
+    """``on_read`` (what run_stats waits on before reading the stored partials) is called
+    once a case, in the jobs' order, before that case's partials are done."""
+    from pipeline import stats_runner as sr
+
+    url, _, _ = store_with_cases
+    plan = sr.plan_stats(DatasetStore.open(url, "ds"), recompute=True)
+    events: list[str] = []
+    sr.run_jobs(plan.jobs, "synchronous", on_done=lambda cid: events.append(f"done {cid}"),
+                on_read=lambda cid: events.append(f"read {cid}"))
+    reads = [e for e in events if e.startswith("read")]
+    assert reads == ["read c0", "read c1", "read c2"]
+    for cid in ("c0", "c1", "c2"):
+        assert events.index(f"read {cid}") < events.index(f"done {cid}")
