@@ -87,7 +87,7 @@ _KIND = {"identity": 0, "ln": 1, "arcsin_sqrt": 3}
 
 def available() -> bool:
     """Whether a compiled kernel can run (the ahead-of-time module, or numba importable)."""
-    return _aot() is not None or _numba_importable()
+    return _aot_module is not None or _numba_importable()
 
 
 @functools.cache
@@ -119,10 +119,14 @@ def selected() -> str:
 
 
 def compiled_form() -> tuple[str, str]:
-    """Which form of the compiled kernel runs, and why: ``("aot", path)`` or ``("jit",
-    why the ahead-of-time module is not used)``."""
-    mod = _aot()
-    return ("aot", str(mod.__file__)) if mod is not None else ("jit", _aot_why)
+    """Which form of the compiled kernel runs, and why: ``("aot", path)``, ``("jit", why
+    the ahead-of-time module is not used)``, or ``("none", why)`` when neither can run
+    (the numpy path then does the work)."""
+    if _aot_module is not None:
+        return "aot", str(_aot_module.__file__)
+    if not _numba_importable():
+        return "none", f"no ahead-of-time module ({_aot_why}) and numba cannot be imported"
+    return "jit", _aot_why
 
 
 _aot_module: Any = None  # the ahead-of-time module, when the pipeline installed one
@@ -138,10 +142,6 @@ def use_compiled(module: Any, why: str = "") -> None:
     _aot_module, _aot_why = module, (why if module is None else "")
 
 
-def _aot() -> Any:
-    return _aot_module
-
-
 def _jit() -> Any:
     """numba's just-in-time functions (imports numba)."""
     from stats import fused_kernels
@@ -153,8 +153,8 @@ def _jit() -> Any:
 
 def _fast(*arrays_and_types: tuple[np.ndarray, Any]) -> Any:
     """The ahead-of-time module when every array has the dtype its exports take (they
-    are compiled for the store's float32 images and uint8 codes), else numba's JIT."""
-    mod = _aot()
+    are compiled for the store's float32 images and uint8 codes), else None (numba's JIT)."""
+    mod = _aot_module
     if mod is not None and all(a.dtype == t and a.flags.c_contiguous
                                for a, t in arrays_and_types):
         return mod
@@ -317,7 +317,7 @@ def warm_up() -> None:
     a caller can overlap that with I/O, such as reading the first case. Does nothing
     without a compiled kernel.
     """
-    if not available() or _aot() is not None:
+    if not available() or _aot_module is not None:
         return
     from stats.transforms import arcsin_sqrt, ln
 

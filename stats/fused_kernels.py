@@ -2,7 +2,7 @@
 
 `stats.fused` holds the wrapper, its checks and its documentation (exactness, the
 algorithms); this module holds the loops, so that a process using the ahead-of-time
-build (`stats.aot`, the same functions compiled into an extension module at install)
+build (`pipeline.aot`, the same functions compiled into an extension module at install)
 never imports numba. Importing this module imports numba; its functions then run
 just-in-time (``@njit(cache=True)``: compiled once, loaded from numba's cache after).
 """
