@@ -415,9 +415,10 @@ def _run_job(job: StatsJob) -> bytes:
 
 
 #: Image voxels (cases x channels x grid) up to which ``scheduler=None`` computes in this
-#: process whatever the machine: a local cluster costs about 1.2 s to start and each of
-#: its workers ~0.3 s to load the kernel (``make bench-scaling``), which a job below
-#: ~1 Gvox (about 30 BraTS cases) does not earn back.
+#: process whatever the machine: a local cluster costs about 1 s to start (``make
+#: bench-scaling``; its workers then load the kernels built ahead of time in
+#: milliseconds, or numba's JIT in 0.4-0.6 s), which a job below ~1 Gvox (about 30 BraTS
+#: cases) does not earn back.
 IN_PROCESS_MAX_VOXELS = 2**30
 #: Cores the in-process engine keeps busy (reading, reducing and writing overlap; see
 #: `run_jobs`). On a machine with no more than these, a local cluster adds nothing but
